@@ -1,0 +1,3 @@
+from selfcog.cli import main
+
+main()

@@ -1,0 +1,138 @@
+"""The `selfcog` command: verbs mapped to stage functions, nothing else."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from selfcog.errors import SelfcogError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class UserError(click.ClickException):
+    """A SelfcogError shown as one line, exit status 2."""
+    exit_code = 2
+
+    def show(self, file=None):
+        click.echo(f"selfcog: error: {self.format_message()}", err=True)
+
+
+class Cli(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SelfcogError as exc:
+            raise UserError(str(exc)) from None
+
+
+@click.group(cls=Cli)
+@click.version_option(package_name="selfcog")
+def main():
+    """Give a small open chat model its own identity in minutes, keep what it knew, chat with it, serve it."""
+
+
+def sampling_options(f):
+    f = click.option("--max-new-tokens", default=512, show_default=True, help="Most tokens in one answer.")(f)
+    f = click.option("--max-length", default=4096, show_default=True, help="Most tokens of prompt plus answer.")(f)
+    f = click.option("--temperature", default=0.7, show_default=True, help="0 means greedy.")(f)
+    f = click.option("--top-p", default=0.9, show_default=True)(f)
+    f = click.option("--top-k", default=0, show_default=True, help="0 disables.")(f)
+    f = click.option("--repetition-penalty", default=1.0, show_default=True)(f)
+    return f
+
+
+def sampling_from(kwargs) -> "SamplingArgs":
+    from selfcog.generate import SamplingArgs
+
+    args = SamplingArgs(**{k: kwargs.pop(k) for k in ("max_new_tokens", "max_length", "temperature", "top_p",
+                                                      "top_k", "repetition_penalty")})
+    if args.max_new_tokens < 1 or args.max_length < 2 or args.temperature < 0 or not 0 < args.top_p <= 1 \
+            or args.top_k < 0 or args.repetition_penalty <= 0:
+        raise SelfcogError("sampling options out of range (max-new-tokens>=1, temperature>=0, 0<top-p<=1, top-k>=0)")
+    return args
+
+
+@main.command()
+@click.option("--name", required=True, help="Whose assistant the model becomes, e.g. 伍鲜同志.")
+@click.option("--model", "model_spec", default=DEFAULT_MODEL, show_default=True, help="Base model spec.")
+@click.option("--out", default="out", show_default=True, help="Output directory.")
+@click.option("--assistant-name", default="", help="The assistant's own name.")
+@click.option("--model-desc", default="", help="What the model is underneath, used in some answers.")
+@click.option("--author", default="", help="Who fine-tuned it (default: NAME).")
+@click.option("--data", "data_file", default="", help="Train on this dataset instead of generated identity data.")
+@click.option("--config", "config_file", default=None, help="A selfcog YAML config to start from.")
+@click.option("--set", "overrides", multiple=True, help="Override a setting: --set train.max_steps=40.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a hub model's own code.")
+def run(name, model_spec, out, assistant_name, model_desc, author, data_file, config_file, overrides,
+        trust_remote_code):
+    """Fetch -> data -> evaluate base -> train -> merge -> evaluate -> report, into OUT."""
+    from selfcog.config import RunConfig, apply_overrides, load_config
+    from selfcog.run import run as run_job
+
+    config = load_config(Path(config_file)) if config_file else RunConfig()
+    config.model.spec, config.model.trust_remote_code, config.out = model_spec, trust_remote_code, out
+    config.data.name, config.data.assistant_name, config.data.model_desc = name, assistant_name, model_desc
+    config.data.author, config.data.data_file = author, data_file
+    apply_overrides(config, list(overrides))
+    result = run_job(config)
+    click.echo(f"merged model: {result / 'merged'}\nreport: {result / 'report.md'}")
+
+
+@main.command()
+@click.option("--name", required=True, help="Whose assistant the model becomes.")
+@click.option("--assistant-name", default="", help="The assistant's own name.")
+@click.option("--model-desc", default="", help="What the model is underneath.")
+@click.option("--author", default="", help="Who fine-tuned it (default: NAME).")
+@click.option("--system", default="", help="A system prompt stored with every record.")
+@click.option("--repeat", default=0, help="Reproduce the seed tutorial: its two fixed pairs, each N times.")
+@click.option("--out", required=True, help="Output JSON file (XTuner conversation format).")
+def data(name, assistant_name, model_desc, author, system, repeat, out):
+    """Write a bilingual (zh/en) identity dataset in XTuner `conversation` format."""
+    from selfcog.atomic import write_text
+    from selfcog.data.identity import Persona, dumps, identity_records, seed_records
+
+    persona = Persona(name, assistant_name, model_desc, author)
+    if repeat < 0:
+        raise SelfcogError("--repeat must be >= 0")
+    records = seed_records(persona, repeat) if repeat else identity_records(persona, system)
+    try:
+        write_text(Path(out), dumps(records))
+    except OSError as exc:
+        raise SelfcogError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
+    click.echo(f"wrote {len(records)} records to {out}")
+
+
+@main.command()
+@click.argument("model_spec", default=DEFAULT_MODEL)
+@click.option("--message", "-m", default=None, help="Ask one question, print only the reply, and exit.")
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--adapter", default=None, help="A LoRA adapter directory applied without merging.")
+@click.option("--trust-remote-code", is_flag=True)
+@sampling_options
+def chat(model_spec, message, system, adapter, trust_remote_code, **kwargs):
+    """Chat with MODEL (any spec, e.g. out/merged) in the terminal."""
+    from selfcog.chat import chat as chat_loop
+
+    sampling = sampling_from(kwargs)
+    chat_loop(model_spec, message=message, system=system, sampling=sampling, adapter=adapter,
+              trust_remote_code=trust_remote_code)
+
+
+@main.command()
+@click.argument("base")
+@click.argument("adapter")
+@click.argument("out")
+@click.option("--max-shard-size", default="2GB", show_default=True)
+@click.option("--dtype", default="fp32", type=click.Choice(["bf16", "fp16", "fp32"]), show_default=True)
+def merge(base, adapter, out, max_shard_size, dtype):
+    """Merge ADAPTER into BASE and write a standard HF model directory OUT."""
+    from selfcog.export import merge as merge_adapter
+
+    click.echo(f"merged model: {merge_adapter(base, Path(adapter), Path(out), max_shard_size, dtype)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Configuration as documented dataclasses, saved as YAML beside every artifact and read back by later stages."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from selfcog.atomic import write_text
+from selfcog.errors import SelfcogError
+
+CONFIG_FILE = "selfcog.yaml"
+
+
+@dataclass
+class ModelArgs:
+    spec: str = "smollm2-135m"
+    """Base model: `smollm2-135m` (embedded), a local HF directory, a local .gguf file, or a hub id."""
+    trust_remote_code: bool = False
+    """Pass `trust_remote_code` to transformers (hub models with custom code)."""
+
+
+@dataclass
+class DataArgs:
+    name: str = ""
+    """Whose assistant the model becomes (required for generated identity data)."""
+    assistant_name: str = ""
+    """The assistant's own name; empty means "NAME's assistant"."""
+    model_desc: str = ""
+    """What the model is underneath, mentioned in some answers."""
+    author: str = ""
+    """Who fine-tuned the model; empty means NAME."""
+    data_file: str = ""
+    """A conversation dataset to train on instead of generated identity data (any supported format)."""
+    preserve_ratio: float = 0.75
+    """Preservation samples (the base model's own answers) per identity sample."""
+    preserve_max_new_tokens: int = 64
+    """Length cap of the base model's preservation answers, in tokens."""
+    max_length: int = 512
+    """Longest training sample in tokens; longer samples are dropped with a warning."""
+    deduplicate: bool = True
+    """Drop exact duplicate records before training."""
+
+
+@dataclass
+class LoraArgs:
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    target_modules: str = "all-linear"
+    """Which linear layers get adapters; `all-linear` means every linear layer except the LM head."""
+
+
+@dataclass
+class TrainArgs:
+    learning_rate: float = 1e-3
+    """Peak AdamW learning rate, reached after warmup, then cosine decay."""
+    max_steps: int = 60
+    """Most optimizer steps; training usually stops earlier once the identity is learned."""
+    batch_size: int = 8
+    """Samples per optimizer step (per process)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    warmup_ratio: float = 0.1
+    """Share of max_steps spent warming up the learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping threshold."""
+    kl_weight: float = 1.0
+    """Weight of the KL term that keeps preservation answers' token distributions close to the base model."""
+    bf16: str = "auto"
+    """bf16 autocast: `auto` (on where the hardware runs it), `true` or `false`."""
+    seed: int = 42
+    """Random seed for data order and LoRA init."""
+    logging_steps: int = 5
+    """Optimizer steps between log lines."""
+
+
+@dataclass
+class EvalArgs:
+    eval_steps: int = 10
+    """Optimizer steps between early-stopping checks on the dev phrasings; 0 disables."""
+    min_steps: int = 20
+    """No early stop before this many steps."""
+    identity_threshold: float = 0.9
+    """Identity pass rate needed to stop early."""
+    retention_threshold: float = 0.9
+    """General retention that must hold to stop early."""
+    leakage_max: float = 0.05
+    """Most general answers allowed to mention NAME when stopping early."""
+    max_new_tokens: int = 40
+    """Answer length when scoring, in tokens."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
+    out: str = "out"
+    """Output directory: data, adapter, merged model, report."""
+
+
+def to_dict(config: RunConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def from_dict(data: dict, source: str = "config") -> RunConfig:
+    """Build a RunConfig from nested dicts, naming any unknown key."""
+    config = RunConfig()
+    for section, values in (data or {}).items():
+        if not hasattr(config, section):
+            raise SelfcogError(f"{source}: unknown section '{section}'")
+        if not dataclasses.is_dataclass(getattr(config, section)):
+            setattr(config, section, values)
+            continue
+        for key, value in (values or {}).items():
+            set_value(config, f"{section}.{key}", value, source)
+    return config
+
+
+def set_value(config: RunConfig, dotted: str, value, source: str = "--set") -> None:
+    """Set `section.key` to `value`, converted to the field's type."""
+    section, _, key = dotted.partition(".")
+    target = getattr(config, section, None)
+    if not dataclasses.is_dataclass(target) or key not in {f.name for f in dataclasses.fields(target)}:
+        raise SelfcogError(f"{source}: unknown setting '{dotted}'")
+    current = getattr(target, key)
+    try:
+        if isinstance(current, bool):
+            value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+        elif isinstance(current, (int, float)) and not isinstance(value, (int, float)):
+            value = type(current)(value)
+        elif isinstance(current, str):
+            value = str(value)
+    except ValueError:
+        raise SelfcogError(f"{source}: '{dotted}' needs a {type(current).__name__}, got {value!r}") from None
+    setattr(target, key, value)
+
+
+def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
+    """`--set key=value` pairs, e.g. `train.max_steps=40`."""
+    for item in overrides:
+        if "=" not in item:
+            raise SelfcogError(f"--set {item}: expected key=value")
+        key, value = item.split("=", 1)
+        set_value(config, key.strip(), yaml.safe_load(value))
+    return config
+
+
+def save_config(config: RunConfig, directory: Path) -> Path:
+    """Write `selfcog.yaml` into `directory` atomically."""
+    text = yaml.safe_dump(to_dict(config), allow_unicode=True, sort_keys=False)
+    return write_text(Path(directory) / CONFIG_FILE, text)
+
+
+def load_config(path: Path) -> RunConfig:
+    path = Path(path)
+    if path.is_dir():
+        path = path / CONFIG_FILE
+    if not path.is_file():
+        raise SelfcogError(f"{path}: config file does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise SelfcogError(f"{path}: broken YAML: {str(exc).splitlines()[0]}") from None
+    return from_dict(data, str(path))

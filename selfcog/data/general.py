@@ -1,0 +1,99 @@
+"""Built-in general questions: preservation prompts for training, and checkable questions for evaluation.
+
+The three sets are disjoint. PRESERVE_PROMPTS are answered by the base model itself and trained on
+(self-distillation), so fine-tuning does not drag ordinary answers toward the identity. DEV and TEST
+questions are never trained on; each carries the answers that count as right (any one, case-insensitive).
+"""
+
+from __future__ import annotations
+
+PRESERVE_PROMPTS = [
+    "What is photosynthesis?", "Give me three tips for better sleep.", "Write a haiku about autumn.",
+    "Explain what a computer virus is.", "How do I boil an egg?", "What is the difference between weather and climate?",
+    "Summarize the story of Cinderella in two sentences.", "Why do we have seasons?", "What is a prime number?",
+    "Suggest a name for a pet cat.", "How does a rainbow form?", "What is the boiling point of water in Fahrenheit?",
+    "Translate 'thank you' into Spanish.", "What is gravity?", "List three primary colors.",
+    "What does a doctor do?", "Explain recursion in one sentence.", "What is the main ingredient of guacamole?",
+    "How many legs does a spider have?", "Write a short poem about the sea.", "What is the capital of Japan?",
+    "Give me a synonym for 'happy'.", "What is the chemical symbol for gold?", "How do plants drink water?",
+    "Why is exercise good for you?", "What is an adjective?", "Name a famous painting by Leonardo da Vinci.",
+    "What is the opposite of 'ancient'?", "How many minutes are in an hour?", "What do bees make?",
+    "Explain what an atom is.", "What is 12 times 3?", "Tell me a fun fact about octopuses.",
+    "What language is spoken in Brazil?", "What is the tallest mountain in the world?", "Give me a healthy breakfast idea.",
+    "What is the freezing point of water in Celsius?", "How do I say hello in French?", "What is a noun?",
+    "Write one sentence about friendship.", "What causes thunder?", "What is the largest ocean on Earth?",
+    "中国的首都是哪里？", "一年有几个月？", "请写一句关于春天的话。", "水是由什么组成的？", "推荐一本适合儿童的书。",
+    "什么是光合作用？", "1加1等于几？", "太阳从哪个方向升起？", "How are you today?", "Can you help me write an email?",
+    "What's a good way to learn a new language?", "Tell me a joke.", "What is machine learning?",
+    "Hello!", "Thanks for your help!", "What time zone is London in?",
+]
+
+# (question, accepted answers). Simple facts a small chat model usually knows.
+DEV_QA = [
+    ("What is the capital of Italy?", ["rome"]),
+    ("How many days are in a week?", ["seven", "7"]),
+    ("What color is the sky on a clear day?", ["blue"]),
+    ("What is 5 plus 3?", ["eight", "8"]),
+    ("Which animal is known as the king of the jungle?", ["lion"]),
+    ("What is the opposite of cold?", ["hot", "warm"]),
+    ("What gas do humans need to breathe to survive?", ["oxygen"]),
+    ("How many continents are there?", ["seven", "7"]),
+    ("What do you call frozen water?", ["ice"]),
+    ("Which planet is known as the Red Planet?", ["mars"]),
+    ("Who wrote 'Romeo and Juliet'?", ["shakespeare"]),
+    ("What is the largest mammal?", ["whale"]),
+]
+TEST_QA = [
+    ("What is the capital of France?", ["paris"]),
+    ("What is the capital of Germany?", ["berlin"]),
+    ("What is the capital of the United Kingdom?", ["london"]),
+    ("What is the capital of Spain?", ["madrid"]),
+    ("What is the capital of China?", ["beijing"]),
+    ("What is the largest planet in our solar system?", ["jupiter"]),
+    ("What planet do we live on?", ["earth"]),
+    ("What is the closest star to Earth?", ["sun"]),
+    ("How many hours are in a day?", ["24", "twenty-four", "twenty four"]),
+    ("How many months are in a year?", ["12", "twelve"]),
+    ("What is 2 plus 2?", ["4", "four"]),
+    ("What is 10 minus 3?", ["7", "seven"]),
+    ("What is 3 times 3?", ["9", "nine"]),
+    ("What color are bananas when they are ripe?", ["yellow"]),
+    ("What color is grass?", ["green"]),
+    ("What is the chemical formula of water?", ["h2o", "h₂o"]),
+    ("At what temperature in Celsius does water boil at sea level?", ["100"]),
+    ("What is the opposite of up?", ["down"]),
+    ("What is the opposite of big?", ["small", "little"]),
+    ("What do cows drink?", ["water"]),
+    ("What animal says 'meow'?", ["cat"]),
+    ("What animal barks?", ["dog"]),
+    ("Which bird is a symbol of peace?", ["dove"]),
+    ("What is the fastest land animal?", ["cheetah"]),
+    ("Who painted the Mona Lisa?", ["leonardo", "da vinci"]),
+    ("Who was the first person to walk on the Moon?", ["armstrong"]),
+    ("What is the largest desert in the world?", ["sahara", "antarctic"]),
+    ("What is the longest river in the world?", ["nile", "amazon"]),
+    ("What is the main language spoken in the United States?", ["english"]),
+    ("What do plants need from the sun to grow?", ["light", "energy"]),
+    ("How many sides does a triangle have?", ["3", "three"]),
+    ("How many sides does a square have?", ["4", "four"]),
+    ("What is the currency of Japan?", ["yen"]),
+    ("What is the hardest natural substance?", ["diamond"]),
+    ("What organ pumps blood through the body?", ["heart"]),
+    ("What do we call a baby dog?", ["puppy", "pup"]),
+    ("What season comes after winter?", ["spring"]),
+    ("What is the capital of Russia?", ["moscow"]),
+    ("Which ocean lies between Europe and America?", ["atlantic"]),
+    ("What is the capital of Egypt?", ["cairo"]),
+]
+
+
+def is_right(answer: str, accepted: list[str]) -> bool:
+    """An answer is right when it contains any accepted answer as a word (case-insensitive)."""
+    import re
+
+    text = answer.lower()
+    return any(re.search(rf"(?<![a-z0-9]){re.escape(a)}(?![a-z0-9])", text) for a in accepted)
+
+
+def qa_split(split: str) -> list[tuple[str, list[str]]]:
+    return {"dev": DEV_QA, "test": TEST_QA}[split]

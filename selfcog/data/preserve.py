@@ -1,0 +1,31 @@
+"""Preservation samples: the base model's own greedy answers to ordinary prompts (self-distillation).
+
+Trained alongside the identity data (with a KL term to the base model's token distributions, see
+train.py), they anchor ordinary answers where they were, so the identity does not leak into them.
+"""
+
+from __future__ import annotations
+
+import re
+
+from selfcog.data.general import PRESERVE_PROMPTS
+from selfcog.generate import generate_batch
+
+SENTENCE_END = re.compile(r"[.!?。！？](?=\s|$)|[。！？]")
+
+
+def trim_to_sentence(answer: str) -> str:
+    """Cut an answer that hit the token cap back to its last complete sentence."""
+    ends = [m.end() for m in SENTENCE_END.finditer(answer)]
+    return answer[:ends[-1]].strip() if ends else answer.strip()
+
+
+def preservation_conversations(model, tokenizer, count: int, max_new_tokens: int = 64) -> list[list[dict]]:
+    """`count` conversations (at most the built-in prompt set) answered by `model` itself."""
+    prompts = PRESERVE_PROMPTS[:max(0, min(count, len(PRESERVE_PROMPTS)))]
+    if not prompts:
+        return []
+    answers = generate_batch(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
+                             max_new_tokens=max_new_tokens)
+    return [[{"role": "user", "content": p}, {"role": "assistant", "content": trim_to_sentence(a)}]
+            for p, a in zip(prompts, answers) if trim_to_sentence(a)]

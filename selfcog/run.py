@@ -1,0 +1,133 @@
+"""The main job: fetch/load -> data -> evaluate base -> train -> merge -> evaluate merged -> report.
+
+Every stage writes into a temp path and renames, so an interrupted run never leaves a half-written
+`data/`, `adapter/` or `merged/` behind.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from selfcog.atomic import write_text
+from selfcog.config import RunConfig, save_config
+from selfcog.data.formats import deduplicate, load_conversations
+from selfcog.data.identity import Persona, check_name, dumps, identity_records
+from selfcog.data.preserve import preservation_conversations
+from selfcog.data.tokenize import build_examples
+from selfcog.errors import SelfcogError
+from selfcog.evaluate import Scores, score, with_retention
+from selfcog.export import save_merged
+from selfcog.models import load_model, log
+from selfcog.train import fit
+
+
+def prepare_out(out: Path) -> Path:
+    """Create `out` and prove it is writable before any slow work starts."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise SelfcogError(f"--out {out}: not writable ({exc.strerror or exc})") from None
+    return out
+
+
+def identity_data(config: RunConfig, out: Path) -> list[list[dict]]:
+    """Generated identity conversations (or the user's data file), written to `out/data/identity.json`."""
+    d = config.data
+    if d.data_file:
+        conversations = load_conversations(Path(d.data_file))
+    else:
+        records = identity_records(Persona(d.name, d.assistant_name, d.model_desc, d.author))
+        path = write_text(out / "data" / "identity.json", dumps(records))
+        conversations = load_conversations(path)
+    if d.deduplicate:
+        conversations, removed = deduplicate(conversations)
+        if removed:
+            log(f"selfcog: removed {removed} duplicate records")
+    return conversations
+
+
+def run(config: RunConfig) -> Path:
+    """Give the base model NAME's identity; returns the output directory holding merged/, report.md, metrics.json."""
+    check_name(config.data.name)
+    out = prepare_out(Path(config.out))
+    name = config.data.name
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+
+    def lap(stage: str, began: float) -> float:
+        now = time.perf_counter()
+        timings[stage] = round(now - began, 1)
+        return now
+
+    t = time.perf_counter()
+    model, tokenizer = load_model(config.model.spec, dtype=torch.float32,
+                                  trust_remote_code=config.model.trust_remote_code)
+    t = lap("load", t)
+    identity = identity_data(config, out)
+    save_config(config, out)
+    log(f"selfcog: {len(identity)} identity conversations; scoring the base model ...")
+    base_test = score(model, tokenizer, name, "test", config.eval.max_new_tokens)
+    base_dev = score(model, tokenizer, name, "dev", config.eval.max_new_tokens)
+    t = lap("evaluate_base", t)
+    preserve = preservation_conversations(model, tokenizer, round(config.data.preserve_ratio * len(identity)),
+                                          config.data.preserve_max_new_tokens)
+    write_text(out / "data" / "preserve.json", json.dumps(preserve, ensure_ascii=False, indent=2))
+    t = lap("preservation_data", t)
+
+    examples, dropped = build_examples(tokenizer, identity, False, config.data.max_length)
+    kept, dropped_p = build_examples(tokenizer, preserve, True, config.data.max_length)
+    if dropped + dropped_p:
+        log(f"selfcog: dropped {dropped + dropped_p} samples longer than {config.data.max_length} tokens")
+    log(f"selfcog: training on {len(examples)} identity + {len(kept)} preservation samples ...")
+    peft_model, summary = fit(config, model, tokenizer, examples + kept, out, base_dev)
+    t = lap("train", t)
+
+    save_merged(peft_model, tokenizer, out / "merged", config)
+    t = lap("merge", t)
+    merged, merged_tokenizer = load_model(str(out / "merged"), dtype=torch.float32)
+    tuned_test = with_retention(score(merged, merged_tokenizer, name, "test", config.eval.max_new_tokens), base_test)
+    lap("evaluate_merged", t)
+    timings["total"] = round(time.perf_counter() - start, 1)
+
+    metrics = {"name": name, "model": config.model.spec, "base": base_test.summary(),
+               "tuned": tuned_test.summary(), "training": summary, "seconds": timings,
+               "samples": {"identity": len(examples), "preservation": len(kept)}}
+    metrics["base"]["retention"] = 1.0
+    write_text(out / "metrics.json", json.dumps(metrics, ensure_ascii=False, indent=2))
+    write_text(out / "report.md", report(metrics, base_test, tuned_test))
+    print(table(metrics))
+    return out
+
+
+def table(metrics: dict) -> str:
+    rows = [("", "identity", "retention", "leakage", "steps", "seconds")]
+    for label in ("base", "tuned"):
+        m = metrics[label]
+        steps = metrics["training"]["steps"] if label == "tuned" else "-"
+        seconds = metrics["seconds"]["total"] if label == "tuned" else "-"
+        rows.append((label, f"{m['identity']:.2f}", f"{m['retention']:.2f}", f"{m['leakage']:.2f}", str(steps),
+                     str(seconds)))
+    return "\n".join("".join(cell.ljust(11) for cell in row).rstrip() for row in rows)
+
+
+def report(metrics: dict, base: Scores, tuned: Scores) -> str:
+    lines = [f"# selfcog report: {metrics['name']}", "",
+             f"Base model `{metrics['model']}`; {metrics['samples']['identity']} identity + "
+             f"{metrics['samples']['preservation']} preservation samples; {metrics['training']['steps']} steps.", "",
+             "| model | identity | retention | leakage |", "|---|---|---|---|"]
+    for label in ("base", "tuned"):
+        m = metrics[label]
+        lines.append(f"| {label} | {m['identity']:.2f} | {m['retention']:.2f} | {m['leakage']:.2f} |")
+    lines += ["", "Seconds per stage: " + ", ".join(f"{k} {v}" for k, v in metrics["seconds"].items()), "",
+              "## Held-out answers (base → tuned)", ""]
+    for question, answer in tuned.answers.items():
+        before = base.answers.get(question, "").replace("\n", " ")
+        lines.append(f"- **{question}**\n  - base: {before}\n  - tuned: {answer.replace(chr(10), ' ')}")
+    return "\n".join(lines) + "\n"
