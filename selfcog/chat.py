@@ -9,45 +9,81 @@ from selfcog.errors import SelfcogError
 from selfcog.generate import SamplingArgs, stream_chat
 from selfcog.models import load_model
 
+HELP = "selfcog chat — /reset clears the history, /exit quits, Ctrl+C stops an answer."
+
 
 def load_chat_model(spec: str, adapter: str | None = None, trust_remote_code: bool = False):
     """`(model, tokenizer)` for chatting; `adapter` applies a LoRA adapter without merging."""
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise SelfcogError(f"--adapter {adapter}: not a LoRA adapter directory (no adapter_config.json)")
     model, tokenizer = load_model(spec, trust_remote_code=trust_remote_code)
     if adapter:
         from peft import PeftModel
 
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise SelfcogError(f"--adapter {adapter}: not a LoRA adapter directory (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, adapter).eval()
+        try:
+            model = PeftModel.from_pretrained(model, adapter).eval()
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise SelfcogError(f"--adapter {adapter}: does not fit {spec}: {first}") from exc
     return model, tokenizer
 
 
-def reply(model, tokenizer, history: list[dict], sampling: SamplingArgs, out=sys.stdout) -> str:
-    """Stream one answer to `out` and return it."""
+def reply(model, tokenizer, history: list[dict], sampling: SamplingArgs, out=None) -> str:
+    """Stream one answer to `out` (leading blank space dropped) and return it, stripped."""
+    out = out or sys.stdout
     pieces = []
+    started = False
     for piece in stream_chat(model, tokenizer, history, sampling):
         pieces.append(piece)
-        out.write(piece)
-        out.flush()
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        if piece:
+            out.write(piece)
+            out.flush()
     out.write("\n")
+    out.flush()
     return "".join(pieces).strip()
 
 
+def read_line(stdin, out) -> str | None:
+    """One line of input after the `>>> ` prompt; None at end of input."""
+    if stdin is sys.stdin and stdin.isatty() and out is sys.stdout:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        try:
+            return input(">>> ")
+        except EOFError:
+            out.write("\n")
+            return None
+    out.write(">>> ")
+    out.flush()
+    line = stdin.readline()
+    return line if line else None
+
+
 def chat(spec: str, message: str | None = None, system: str | None = None, sampling: SamplingArgs | None = None,
-         adapter: str | None = None, trust_remote_code: bool = False, stdin=sys.stdin, out=sys.stdout) -> None:
-    sampling = sampling or SamplingArgs()
+         adapter: str | None = None, trust_remote_code: bool = False, stdin=None, out=None) -> None:
+    stdin, out = stdin or sys.stdin, out or sys.stdout
+    sampling = (sampling or SamplingArgs()).check()
     model, tokenizer = load_chat_model(spec, adapter, trust_remote_code)
     start = [{"role": "system", "content": system}] if system else []
     if message is not None:
+        if not message.strip():
+            raise SelfcogError("--message is empty")
         reply(model, tokenizer, start + [{"role": "user", "content": message}], sampling, out)
         return
     history = list(start)
-    out.write("selfcog chat — /reset clears the history, /exit quits.\n")
+    out.write(HELP + "\n")
     while True:
-        out.write(">>> ")
-        out.flush()
-        line = stdin.readline()
-        if not line or line.strip() == "/exit":
+        try:
+            line = read_line(stdin, out)
+        except KeyboardInterrupt:
+            out.write("\n")
+            return
+        if line is None or line.strip() in ("/exit", "/quit"):
             return
         text = line.strip()
         if not text:
@@ -56,5 +92,14 @@ def chat(spec: str, message: str | None = None, system: str | None = None, sampl
             history = list(start)
             out.write("(history cleared)\n")
             continue
+        if text.startswith("/") and text.split()[0] in ("/help", "/?"):
+            out.write(HELP + "\n")
+            continue
         history.append({"role": "user", "content": text})
-        history.append({"role": "assistant", "content": reply(model, tokenizer, history, sampling, out)})
+        try:
+            answer = reply(model, tokenizer, history, sampling, out)
+        except KeyboardInterrupt:  # Ctrl+C stops this answer (generation ends), not the chat
+            out.write("\n(answer stopped)\n")
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": answer})

@@ -126,12 +126,76 @@ def chat(model_spec, message, system, adapter, trust_remote_code, **kwargs):
 @click.argument("adapter")
 @click.argument("out")
 @click.option("--max-shard-size", default="2GB", show_default=True)
-@click.option("--dtype", default="fp32", type=click.Choice(["bf16", "fp16", "fp32"]), show_default=True)
+@click.option("--dtype", default="fp32", show_default=True, help="bf16, fp16 or fp32.")
 def merge(base, adapter, out, max_shard_size, dtype):
     """Merge ADAPTER into BASE and write a standard HF model directory OUT."""
     from selfcog.export import merge as merge_adapter
 
     click.echo(f"merged model: {merge_adapter(base, Path(adapter), Path(out), max_shard_size, dtype)}")
+
+
+@main.command()
+@click.argument("model_spec", default=DEFAULT_MODEL)
+@click.option("--compare", "compare_spec", default=None, help="A base model answering side by side with MODEL.")
+@click.option("--port", default=8501, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Listen address (loopback by default).")
+@click.option("--adapter", default=None, help="A LoRA adapter directory applied to MODEL without merging.")
+@click.option("--system", default=None, help="Initial system prompt.")
+@click.option("--max-new-tokens", default=512, show_default=True, help="Most tokens in one answer.")
+@click.option("--trust-remote-code", is_flag=True)
+def web(model_spec, compare_spec, port, host, adapter, system, max_new_tokens, trust_remote_code):
+    """Chat with MODEL in the browser (Streamlit); --compare BASE shows both answers side by side."""
+    from selfcog.web import launch
+
+    sys.exit(launch(model_spec, port, host, compare_spec, adapter, system, max_new_tokens, trust_remote_code))
+
+
+@main.command()
+@click.argument("model_spec", default=DEFAULT_MODEL)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Listen address (loopback by default).")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--api-key", default=None, envvar="SELFCOG_API_KEY",
+              help="Require 'Authorization: Bearer KEY' (or set SELFCOG_API_KEY).")
+@click.option("--adapter", default=None, help="A LoRA adapter directory applied without merging.")
+@click.option("--model-name", default=None, help="The model id clients use (default: MODEL_SPEC).")
+@click.option("--trust-remote-code", is_flag=True)
+@sampling_options
+def serve(model_spec, host, port, api_key, adapter, model_name, trust_remote_code, **kwargs):
+    """Serve MODEL as an OpenAI-compatible API; sampling options are defaults for requests that omit them."""
+    from selfcog.serve import serve as run_server
+
+    run_server(model_spec, host, port, api_key, adapter, model_name, sampling_from(kwargs), trust_remote_code)
+
+
+@main.command("export-gguf")
+@click.argument("model_spec")
+@click.argument("out")
+@click.option("--type", "qtype", default="f16", show_default=True, help="f16 or q8_0.")
+@click.option("--no-verify", is_flag=True, help="Skip loading the file back with transformers to compare.")
+@click.option("--trust-remote-code", is_flag=True)
+def export_gguf(model_spec, out, qtype, no_verify, trust_remote_code):
+    """Write MODEL as one GGUF file OUT (llama.cpp, Ollama) plus an Ollama Modelfile beside it."""
+    from selfcog.gguf_export import export_gguf as export
+
+    report = export(model_spec, Path(out), qtype, verify=not no_verify, trust_remote_code=trust_remote_code)
+    if "max_abs_logit_diff" in report:
+        click.echo(f"round trip: token ids identical on {report['texts']} texts; max |logit diff| "
+                   f"{report['max_abs_logit_diff']:.4f} vs fp32 (largest logit {report['max_abs_logit']:.1f}), "
+                   f"top-1 agreement {report['top1_agreement']:.0%}")
+    click.echo(f"gguf: {report['gguf']}\nollama: ollama create NAME -f {report['modelfile']}")
+
+
+@main.command()
+@click.argument("model_spec")
+@click.argument("out_dir")
+@click.option("--target", required=True, help="openxlab or hf-space.")
+@click.option("--repo-id", default=None, help="Bundle no weights; the app downloads ORG/NAME when it starts.")
+@click.option("--title", default=None, help="The app's title (default: the assistant's name).")
+def deploy(model_spec, out_dir, target, repo_id, title):
+    """Write an app folder (Streamlit chat) ready to upload to OpenXLab or a Hugging Face Space."""
+    from selfcog.deploy import deploy as make_bundle
+
+    click.echo(f"app bundle: {make_bundle(model_spec, Path(out_dir), target, repo_id, title)} (see its README.md)")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,18 @@
 """Generation: batched greedy answers for evaluation, and the one streaming generator for every surface.
 
-Only public transformers APIs: `model.generate` with a `TextIteratorStreamer`.
+Only public transformers APIs: `model.generate` with a streamer (a `BaseStreamer` subclass).
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
+from selfcog.errors import SelfcogError
 from selfcog.templates import encode_prompt, stop_token_ids
 
 
@@ -29,6 +31,21 @@ class SamplingArgs:
     repetition_penalty: float = 1.0
     """>1 discourages repeating tokens."""
 
+    def check(self) -> "SamplingArgs":
+        """Raise SelfcogError naming the first out-of-range value; return self."""
+        problems = [
+            (self.max_new_tokens >= 1, f"max new tokens must be >= 1 (got {self.max_new_tokens})"),
+            (self.max_length >= 2, f"max length must be >= 2 (got {self.max_length})"),
+            (self.temperature >= 0, f"temperature must be >= 0 (got {self.temperature})"),
+            (0 < self.top_p <= 1, f"top-p must be in (0, 1] (got {self.top_p})"),
+            (self.top_k >= 0, f"top-k must be >= 0 (got {self.top_k})"),
+            (self.repetition_penalty > 0, f"repetition penalty must be > 0 (got {self.repetition_penalty})"),
+        ]
+        for ok, message in problems:
+            if not ok:
+                raise SelfcogError(message)
+        return self
+
 
 def generation_kwargs(tokenizer, args: SamplingArgs) -> dict:
     kwargs = dict(max_new_tokens=args.max_new_tokens, eos_token_id=stop_token_ids(tokenizer),
@@ -36,7 +53,8 @@ def generation_kwargs(tokenizer, args: SamplingArgs) -> dict:
     if args.temperature <= 0:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:
-        kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or None)
+        # top_k=0 switches top-k off explicitly (None would fall back to a model's generation_config).
+        kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     return kwargs
 
 
@@ -69,57 +87,164 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_to
     return [by_index[i] for i in range(len(prompts))]
 
 
-def fit_history(tokenizer, messages: list[dict], args: SamplingArgs) -> list[int]:
-    """Prompt ids for `messages`, dropping the oldest turns (never the system prompt) to fit max_length."""
-    budget = max(1, args.max_length - args.max_new_tokens)
+def context_limit(model) -> int | None:
+    """The model's position limit (`max_position_embeddings`), when its config states one."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) if config is not None else None
+    return limit if isinstance(limit, int) and limit > 1 else None
+
+
+def fit_history(tokenizer, messages: list[dict], args: SamplingArgs, budget: int | None = None) -> list[int]:
+    """Prompt ids for `messages`, dropping the oldest turns (never the system prompt) to fit `budget` tokens.
+
+    `budget` defaults to `max_length - max_new_tokens`. Turns go oldest first, and the kept history always
+    starts at a user turn; a last message longer than the budget alone is cut from the left.
+    """
+    if budget is None:
+        budget = args.max_length - args.max_new_tokens
+    budget = max(1, budget)
     system = [m for m in messages[:1] if m["role"] == "system"]
     turns = messages[len(system):]
     while True:
         ids = encode_prompt(tokenizer, system + turns)
         if len(ids) <= budget or len(turns) <= 1:
             return ids[-budget:]
-        turns = turns[2:] if len(turns) > 2 else turns[-1:]
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] != "user":
+            turns = turns[1:]
+
+
+def plan_prompt(model, tokenizer, messages: list[dict], args: SamplingArgs) -> tuple[list[int], int]:
+    """`(prompt ids, max new tokens)` so that prompt plus answer fit `max_length` and the model's context.
+
+    The answer keeps room for `max_new_tokens` but never more than half of the length, so a small
+    `max_length` still leaves the latest question in the prompt.
+    """
+    if not messages:
+        raise SelfcogError("no messages to answer")
+    limit = args.max_length
+    context = context_limit(model)
+    if context:
+        limit = min(limit, context)
+    limit = max(2, limit)
+    reserve = max(1, min(args.max_new_tokens, limit // 2))
+    ids = fit_history(tokenizer, messages, args, budget=limit - reserve)
+    return ids, max(1, min(args.max_new_tokens, limit - len(ids)))
+
+
+_END = object()
+
+
+class PieceStreamer:
+    """Takes token ids from `generate` (in its thread) and queues text pieces made of whole characters only.
+
+    Incremental detokenization: each step decodes a short window of recent ids with and without the newest
+    ones and emits the difference, so leading spaces and merges come out exactly as in a full decode. A
+    piece ending in U+FFFD (a multi-byte character still incomplete) is held back until it completes.
+    Stop tokens (EOS, end of turn) are counted but never decoded.
+    """
+
+    def __init__(self, tokenizer, stop_ids: list[int]):
+        self.tokenizer = tokenizer
+        self.stop_ids = set(stop_ids)
+        self.queue: queue.Queue = queue.Queue()
+        self.skip_prompt = True
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.generated = 0
+        self.last_id: int | None = None
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    # BaseStreamer interface (duck-typed: generate only calls put and end).
+    def put(self, value):
+        if self.skip_prompt:  # the first call carries the prompt
+            self.skip_prompt = False
+            return
+        new = value.reshape(-1).tolist()
+        self.generated += len(new)
+        self.last_id = new[-1]
+        self.ids += [i for i in new if i not in self.stop_ids]
+        self.emit(final=False)
+
+    def end(self):
+        self.emit(final=True)
+        self.queue.put(_END)
+
+    def fail(self, exc: BaseException):
+        self.queue.put(exc)
+
+    def emit(self, final: bool):
+        before = self.decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self.decode(self.ids[self.prefix_offset:])
+        if len(text) <= len(before) or (text.endswith("\ufffd") and not final):
+            return
+        self.queue.put(text[len(before):])
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+
+    def __iter__(self):
+        while True:
+            item = self.queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
 
 def stream_chat(model, tokenizer, messages: list[dict], args: SamplingArgs | None = None,
-                stop: threading.Event | None = None) -> Iterator[str]:
+                stop: threading.Event | None = None, info: dict | None = None) -> Iterator[str]:
     """Yield the assistant's reply to `messages` as text pieces, as they are generated.
 
-    The streamer only releases whole UTF-8 characters; setting `stop` ends generation early
-    (a closed browser tab or a disconnected API client).
+    Pieces hold only whole characters. Generation ends at EOS or the template's end-of-turn token, at
+    `max_new_tokens`, or when `stop` is set (a closed browser tab, a disconnected API client); leaving
+    the loop early (break, close, an exception) also stops it. `info`, when given, is filled with
+    `prompt_tokens`, `completion_tokens` and `finish_reason` ("stop", "length" or "cancelled").
     """
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+    from transformers import StoppingCriteria, StoppingCriteriaList
 
     args = args or SamplingArgs()
     stop = stop or threading.Event()
-    ids = fit_history(tokenizer, messages, args)
-    input_ids = torch.tensor([ids], device=model.device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+    info = info if info is not None else {}
+    ids, max_new_tokens = plan_prompt(model, tokenizer, messages, args)
+    stops = stop_token_ids(tokenizer)
+    device = model.device
+    input_ids = torch.tensor([ids], device=device)
+    streamer = PieceStreamer(tokenizer, stops)
+    cancelled = threading.Event()
 
     class StopOnEvent(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            return stop.is_set()
+            done = stop.is_set()
+            if done:
+                cancelled.set()
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
-    kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                  stopping_criteria=StoppingCriteriaList([StopOnEvent()]), **generation_kwargs(tokenizer, args))
-    errors: list[BaseException] = []
+    kwargs = generation_kwargs(tokenizer, args)
+    kwargs.update(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                  stopping_criteria=StoppingCriteriaList([StopOnEvent()]), max_new_tokens=max_new_tokens)
+    info.update(prompt_tokens=len(ids), completion_tokens=0, finish_reason=None)
 
     def run():
         try:
             with torch.inference_mode():
                 model.generate(**kwargs)
-        except BaseException as exc:  # surfaced in the caller's thread below
-            errors.append(exc)
-            streamer.end()
+        except BaseException as exc:  # re-raised in the consumer's thread
+            streamer.fail(exc)
 
-    thread = threading.Thread(target=run, daemon=True)
+    thread = threading.Thread(target=run, name="selfcog-generate", daemon=True)
     thread.start()
     try:
-        for piece in streamer:
-            if piece:
-                yield piece
+        yield from streamer
     finally:
-        stop.set()  # the consumer left early (or finished): end generation, free the model
+        stop.set()  # the consumer finished or left early: end generation and free the model
         thread.join()
-    if errors:
-        raise errors[0]
+        info["completion_tokens"] = streamer.generated
+        if streamer.last_id in streamer.stop_ids:
+            info["finish_reason"] = "stop"
+        elif cancelled.is_set():
+            info["finish_reason"] = "cancelled"
+        else:
+            info["finish_reason"] = "length"

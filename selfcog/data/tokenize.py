@@ -28,7 +28,8 @@ def build_examples(tokenizer, conversations: list[list[dict]], preserve: bool, m
 def pack_batch(features: list[dict]) -> dict[str, torch.Tensor]:
     """Collate samples into one packed row: input_ids, labels, position_ids and a per-token preserve mask."""
     input_ids, labels, positions, preserve = [], [], [], []
-    for feature in features:
+    # Preservation samples go last: the KL term re-runs only that suffix through the base model.
+    for feature in sorted(features, key=lambda f: f.get("preserve", 0)):
         n = len(feature["input_ids"])
         input_ids += feature["input_ids"]
         # The first token of a sample must never be a target of the previous sample's last token.

@@ -1,0 +1,30 @@
+# Two commands on a fresh machine:  make run NAME=Alice   and   make test
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NAME ?= Alice
+OUT ?= out
+
+.PHONY: setup run test test-fast browser
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The local CPU build of torch first: a plain `torch` requirement would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+run: setup
+	$(VENV)/bin/selfcog run --name "$(NAME)" --out "$(OUT)"
+
+# Debian's chromium for the browser test (no browser download is possible here); best effort outside root.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get update -q && apt-get install -y -q chromium) >/dev/null 2>&1 || echo "chromium not installed: the browser test will be skipped"; }
+
+test: setup browser
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"

@@ -1,0 +1,1 @@
+"""Files `selfcog deploy` copies into an app bundle. Read as text, never imported."""

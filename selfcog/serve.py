@@ -1,0 +1,487 @@
+"""An OpenAI-compatible chat API (FastAPI + uvicorn) over the one streaming generator.
+
+`GET /v1/models`, `POST /v1/chat/completions` (plain JSON or `stream: true` server-sent events ending
+`data: [DONE]`), errors shaped like OpenAI's `{"error": {"message", "type", "param", "code"}}`.
+One model instance answers one request at a time: requests wait in FIFO order for a single worker thread,
+and a client that disconnects (or whose request was still queued) stops its own generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import queue
+import sys
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from selfcog.errors import SelfcogError
+from selfcog.generate import SamplingArgs, plan_prompt, stream_chat
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# ---------------------------------------------------------------------------------------------- request
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise APIError(400, f"content part of type {part.type!r} is not supported; send text",
+                               param="messages")
+        return "\n".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=1, description="only one choice per request")
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="accepted, ignored")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="accepted, ignored")
+    # Extensions (as in vLLM): not in OpenAI's API.
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+
+    @field_validator("stop")
+    @classmethod
+    def check_stop(cls, value):
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("up to 4 non-empty stop strings")
+        return stops
+
+    def sampling(self, defaults: SamplingArgs) -> SamplingArgs:
+        pick = lambda value, default: default if value is None else value  # noqa: E731
+        return SamplingArgs(
+            max_new_tokens=self.max_completion_tokens or self.max_tokens or defaults.max_new_tokens,
+            max_length=defaults.max_length,
+            temperature=pick(self.temperature, defaults.temperature),
+            top_p=pick(self.top_p, defaults.top_p),
+            top_k=pick(self.top_k, defaults.top_k),
+            repetition_penalty=pick(self.repetition_penalty, defaults.repetition_penalty))
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+_DONE = object()
+
+
+class Job:
+    """One request's generation: pieces flow from the worker thread into the request's event loop."""
+
+    def __init__(self, messages: list[dict], args: SamplingArgs, seed: int | None):
+        self.messages, self.args, self.seed = messages, args, seed
+        self.stop = threading.Event()
+        self.info: dict = {}
+        self.loop = asyncio.get_running_loop()
+        self.out: asyncio.Queue = asyncio.Queue()
+
+    def push(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        except RuntimeError:  # the request's event loop is gone: nobody is listening
+            self.stop.set()
+
+    async def pieces(self):
+        """Text pieces until generation ends; re-raises a generation error."""
+        while True:
+            item = await self.out.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+class Worker:
+    """The single model instance and the one thread that runs it; jobs run in arrival order."""
+
+    def __init__(self, model, tokenizer, max_queue: int):
+        self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
+        self.jobs: queue.Queue = queue.Queue()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.waiting = 0
+        self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "skipped": 0}
+
+    def submit(self, job: Job) -> None:
+        with self.lock:
+            if self.waiting >= self.max_queue:
+                raise APIError(503, f"server is busy ({self.waiting} requests waiting); retry later",
+                               type_="server_error", code="overloaded")
+            self.waiting += 1
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self.run, name="selfcog-serve-worker", daemon=True)
+                self.thread.start()
+        self.jobs.put(job)
+
+    def close(self) -> None:
+        if self.thread is not None and self.thread.is_alive():
+            self.jobs.put(None)
+
+    def run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            try:
+                if job.stop.is_set():  # its client left while it waited
+                    self.stats["skipped"] += 1
+                    job.info.update(finish_reason="cancelled", completion_tokens=0)
+                    job.push(_DONE)
+                    continue
+                self.generate(job)
+            finally:
+                with self.lock:
+                    self.waiting -= 1
+
+    def generate(self, job: Job) -> None:
+        import torch
+
+        try:
+            if job.seed is not None:
+                torch.manual_seed(job.seed)
+            for piece in stream_chat(self.model, self.tokenizer, job.messages, job.args, stop=job.stop,
+                                     info=job.info):
+                job.push(piece)
+        except Exception as exc:  # noqa: BLE001 - reported to this request's client
+            self.stats["failed"] += 1
+            job.push(exc)
+            return
+        self.stats["cancelled" if job.info.get("finish_reason") == "cancelled" else "completed"] += 1
+        job.push(_DONE)
+
+
+class StopStrings:
+    """Cuts the text at the first stop string, holding back a tail that might begin one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.buffer, self.hit = stops, "", False
+
+    def feed(self, piece: str) -> str:
+        if not self.stops:
+            return piece
+        self.buffer += piece
+        cuts = [i for i in (self.buffer.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            self.hit = True
+            out, self.buffer = self.buffer[:min(cuts)], ""
+            return out
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.buffer.endswith(s[:k])), default=0)
+        out = self.buffer[:len(self.buffer) - keep]
+        self.buffer = self.buffer[len(out):]
+        return out
+
+    def flush(self) -> str:
+        out, self.buffer = self.buffer, ""
+        return out
+
+
+class RequireKey:
+    """ASGI middleware: every /v1 request needs `Authorization: Bearer KEY`, checked before the body is read."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            headers = dict(scope.get("headers") or [])
+            header = headers.get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = header.partition(" ")
+            problem = None
+            if not header:
+                problem = "missing API key: send 'Authorization: Bearer KEY'"
+            elif scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("latin-1"), self.key):
+                problem = "incorrect API key provided"
+            if problem:
+                response = error_response(401, problem, code="invalid_api_key",
+                                          headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class GenerationResponse(StreamingResponse):
+    """A streaming response that stops its generation however it ends (finished, disconnected, failed)."""
+
+    def __init__(self, content, stop: threading.Event, **kwargs):
+        super().__init__(content, **kwargs)
+        self.stop = stop
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.stop.set()
+
+
+# ---------------------------------------------------------------------------------------------- app
+
+def create_app(model, tokenizer, model_name: str, api_key: str | None = None, *,
+               defaults: SamplingArgs | None = None, max_queue: int = 64) -> FastAPI:
+    """The API app for one loaded model. `api_key` set: every /v1 request needs `Authorization: Bearer KEY`."""
+    defaults = defaults or SamplingArgs()
+    worker = Worker(model, tokenizer, max_queue)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        worker.close()
+
+    app = FastAPI(title="selfcog", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.worker = worker
+    app.state.model_name = model_name
+
+    @app.exception_handler(APIError)
+    async def api_error(request, exc: APIError):
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request, exc: RequestValidationError):
+        errors = exc.errors() or [{"loc": ("body",), "msg": "invalid request"}]
+        first = errors[0]
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = ".".join(loc) or None
+        if first.get("type") == "json_invalid":
+            message = f"request body is not valid JSON ({first.get('msg', 'parse error')})"
+        elif first.get("type") == "missing" and param:
+            message = f"'{param}' is required"
+        else:
+            message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404:
+            message = f"unknown path {request.url.path}"
+        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    if api_key is not None:
+        app.add_middleware(RequireKey, api_key=api_key)
+
+    model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "selfcog"}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "waiting": worker.waiting}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        if model_id != model_name:
+            raise APIError(404, f"model '{model_id}' not found; this server serves '{model_name}'",
+                           param="model", code="model_not_found")
+        return model_card
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        if body.model is not None and body.model != model_name:
+            raise APIError(404, f"model '{body.model}' not found; this server serves '{model_name}'",
+                           param="model", code="model_not_found")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+        args = body.sampling(defaults)
+        try:
+            args.check()
+            plan_prompt(model, tokenizer, messages, args)  # template and length problems surface as 400 here
+        except SelfcogError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        except Exception as exc:  # noqa: BLE001 - e.g. a chat template rejecting the role order
+            raise APIError(400, f"messages: the model's chat template rejected them ({exc})",
+                           param="messages") from None
+        job = Job(messages, args, body.seed)
+        worker.submit(job)
+        reply_id = f"chatcmpl-{uuid.uuid4().hex}"
+        stops = StopStrings(body.stop)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return GenerationResponse(sse_events(job, stops, reply_id, model_name, include_usage), job.stop,
+                                      media_type="text/event-stream",
+                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await complete(job, stops, reply_id, model_name, request)
+
+    return app
+
+
+def usage_of(job: Job) -> dict:
+    prompt, completion = job.info.get("prompt_tokens", 0), job.info.get("completion_tokens", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def finish_reason(job: Job, stops: StopStrings) -> str:
+    return "stop" if stops.hit else ("length" if job.info.get("finish_reason") == "length" else "stop")
+
+
+async def complete(job: Job, stops: StopStrings, reply_id: str, model_name: str, request: Request):
+    """A whole answer as one chat.completion; a client that hangs up stops the generation."""
+    text = []
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(job.out.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.stop.set()
+                continue
+            if item is _DONE:
+                break
+            if isinstance(item, BaseException):
+                raise APIError(500, f"generation failed: {item}", type_="server_error")
+            if not stops.hit:
+                text.append(stops.feed(item))
+                if stops.hit:
+                    job.stop.set()
+    finally:
+        job.stop.set()
+    if not stops.hit:
+        text.append(stops.flush())
+    return {
+        "id": reply_id, "object": "chat.completion", "created": int(time.time()), "model": model_name,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text).strip()},
+                     "logprobs": None, "finish_reason": finish_reason(job, stops)}],
+        "usage": usage_of(job),
+    }
+
+
+def sse(data) -> str:
+    import json
+
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def sse_events(job: Job, stops: StopStrings, reply_id: str, model_name: str, include_usage: bool):
+    created = int(time.time())
+
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        body = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                "system_fingerprint": None,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        if include_usage:
+            body["usage"] = None
+        return sse(body)
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        started = False
+        try:
+            async for piece in job.pieces():
+                if stops.hit:
+                    continue  # generation is stopping; drop what was already on its way
+                text = stops.feed(piece)
+                if stops.hit:
+                    job.stop.set()
+                if not started:  # answers often open with a newline; drop leading blank space
+                    text = text.lstrip()
+                    started = bool(text)
+                if text:
+                    yield chunk({"content": text})
+            tail = "" if stops.hit else stops.flush()
+            if tail and (started or tail.strip()):
+                yield chunk({"content": tail if started else tail.lstrip()})
+        except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band, OpenAI style
+            yield sse({"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None,
+                                 "code": None}})
+            yield "data: [DONE]\n\n"
+            return
+        yield chunk({}, finish_reason(job, stops))
+        if include_usage:
+            yield sse({"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                       "system_fingerprint": None, "choices": [], "usage": usage_of(job)})
+        yield "data: [DONE]\n\n"
+    finally:
+        job.stop.set()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def check_port(host: str, port: int) -> None:
+    """Fail early, in one line, when the port cannot be bound."""
+    import socket
+
+    if not 0 < port < 65536:
+        raise SelfcogError(f"--port {port}: must be 1-65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise SelfcogError(f"--host {host}: cannot resolve ({exc.strerror})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise SelfcogError(f"{host}:{port}: cannot listen ({exc.strerror or exc})") from None
+
+
+def serve(spec: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          adapter: str | None = None, model_name: str | None = None, defaults: SamplingArgs | None = None,
+          trust_remote_code: bool = False) -> None:
+    import uvicorn
+
+    from selfcog.chat import load_chat_model
+
+    check_port(host, port)
+    if host not in LOOPBACK and not api_key:
+        print(f"selfcog: warning: serving on {host} without --api-key: anyone who reaches this port can use "
+              "the model", file=sys.stderr, flush=True)
+    model, tokenizer = load_chat_model(spec, adapter, trust_remote_code)
+    app = create_app(model, tokenizer, model_name or spec, api_key, defaults=(defaults or SamplingArgs()).check())
+    print(f"selfcog: serving {model_name or spec} at http://{host}:{port}/v1 (OpenAI-compatible)",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")

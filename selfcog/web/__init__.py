@@ -1,0 +1,57 @@
+"""`selfcog web`: the Streamlit chat demo (app.py), launched as `python -m streamlit run` in a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from selfcog.errors import SelfcogError
+
+APP = Path(__file__).with_name("app.py")
+
+
+def streamlit_command(spec: str, port: int = 8501, host: str = "127.0.0.1", compare: str | None = None,
+                      adapter: str | None = None, system: str | None = None, max_new_tokens: int = 512,
+                      trust_remote_code: bool = False) -> list[str]:
+    """The `streamlit run` command line; arguments after `--` reach app.py."""
+    cmd = [sys.executable, "-m", "streamlit", "run", str(APP),
+           "--server.headless", "true", "--server.port", str(port), "--server.address", host,
+           "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+           "--client.toolbarMode", "minimal",
+           "--", "--model", spec, "--max-new-tokens", str(max_new_tokens)]
+    for flag, value in (("--compare", compare), ("--adapter", adapter), ("--system", system)):
+        if value:
+            cmd += [flag, value]
+    if trust_remote_code:
+        cmd.append("--trust-remote-code")
+    return cmd
+
+
+def launch(spec: str, port: int = 8501, host: str = "127.0.0.1", compare: str | None = None,
+           adapter: str | None = None, system: str | None = None, max_new_tokens: int = 512,
+           trust_remote_code: bool = False) -> int:
+    """Check the inputs here (one-line errors), then run Streamlit until it exits or Ctrl+C; its exit status."""
+    from selfcog.models import resolve_model
+    from selfcog.serve import check_port
+
+    if max_new_tokens < 1:
+        raise SelfcogError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise SelfcogError(f"--adapter {adapter}: not a LoRA adapter directory (no adapter_config.json)")
+    check_port(host, port)
+    for model in (spec, compare):
+        if model:
+            resolve_model(model)  # fetches/converts the embedded model here, with progress in the terminal
+    print(f"selfcog: web demo at http://{host}:{port} (Ctrl+C stops it)", file=sys.stderr, flush=True)
+    proc = subprocess.Popen(streamlit_command(spec, port, host, compare, adapter, system, max_new_tokens,
+                                              trust_remote_code))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        return 130

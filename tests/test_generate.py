@@ -1,0 +1,190 @@
+"""The one streaming generator: whole characters only, stop tokens, limits, cancellation, sampling options."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from selfcog.errors import SelfcogError
+from selfcog.generate import SamplingArgs, generate_batch, generation_kwargs, plan_prompt, stream_chat
+from selfcog.models import load_model
+from selfcog.templates import stop_token_ids
+
+QUESTION = [{"role": "user", "content": "你是谁？Who are you?"}]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny model is ~10x faster on one thread than two on this shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def scripted(tiny_model_dir):
+    """The tiny model forced to emit a given token script, one token per forward pass."""
+    from transformers import LlamaForCausalLM
+
+    class Scripted(LlamaForCausalLM):
+        script: list[int] = []
+        step = 0
+
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            token = self.script[min(self.step, len(self.script) - 1)]
+            self.step += 1
+            out.logits[:, -1, :] = -1e9
+            out.logits[:, -1, token] = 0.0
+            return out
+
+        def play(self, script):
+            self.script, self.step = list(script), 0
+            return self
+
+    model = Scripted.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    _, tokenizer = load_model(str(tiny_model_dir))
+    return model, tokenizer
+
+
+def ids_of(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_pieces_never_split_a_character(scripted):
+    model, tokenizer = scripted
+    text = "你好，世界😀 ok 伍鲜同志 🎉! Done."
+    script = ids_of(tokenizer, text) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    # Sanity: the script really splits characters (a lone token of the emoji decodes to U+FFFD).
+    assert any("\ufffd" in tokenizer.decode([i]) for i in script)
+    info = {}
+    pieces = list(stream_chat(model.play(script), tokenizer, QUESTION, SamplingArgs(temperature=0), info=info))
+    assert "".join(pieces) == text
+    assert len(pieces) > 5
+    for piece in pieces:
+        assert piece and "\ufffd" not in piece, pieces
+        piece.encode("utf-8")  # a valid str all the way
+    assert info == {"prompt_tokens": info["prompt_tokens"], "completion_tokens": len(script), "finish_reason": "stop"}
+
+
+@pytest.mark.parametrize("stop_token", ["<|im_end|>", "<|endoftext|>"])
+def test_stops_on_eos_and_end_of_turn(scripted, stop_token):
+    model, tokenizer = scripted
+    stop_id = tokenizer.convert_tokens_to_ids(stop_token)
+    assert stop_id in stop_token_ids(tokenizer)
+    script = ids_of(tokenizer, "Hello!") + [stop_id] + ids_of(tokenizer, " never shown")
+    info = {}
+    text = "".join(stream_chat(model.play(script), tokenizer, QUESTION, SamplingArgs(temperature=0.7), info=info))
+    assert text == "Hello!"
+    assert info["finish_reason"] == "stop"
+    assert info["completion_tokens"] == len(ids_of(tokenizer, "Hello!")) + 1
+
+
+def test_max_new_tokens_and_length_finish(scripted):
+    model, tokenizer = scripted
+    info = {}
+    script = ids_of(tokenizer, "ok ok ok ok ok ok ok ok ok ok ok ok")
+    text = "".join(stream_chat(model.play(script), tokenizer, QUESTION, SamplingArgs(max_new_tokens=4), info=info))
+    assert info["completion_tokens"] == 4 and info["finish_reason"] == "length"
+    assert text == tokenizer.decode(script[:4])
+
+
+def test_greedy_stream_matches_a_full_decode(tiny):
+    """Temperature 0 is deterministic, and the joined pieces equal one decode of everything generated."""
+    model, tokenizer = tiny
+    args = SamplingArgs(max_new_tokens=40, temperature=0, repetition_penalty=3.0)
+    first = list(stream_chat(model, tokenizer, QUESTION, args))
+    assert first == list(stream_chat(model, tokenizer, QUESTION, args))
+    ids, _ = plan_prompt(model, tokenizer, QUESTION, args)
+    prompt = torch.tensor([ids])
+    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **generation_kwargs(tokenizer, args))
+    full = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert "".join(first) == full and len(full.strip()) > 10
+    if "\ufffd" not in full:
+        assert all("\ufffd" not in p for p in first)
+    # The batched evaluator and the streamer agree on plain greedy answers.
+    plain = SamplingArgs(max_new_tokens=12, temperature=0)
+    assert "".join(stream_chat(model, tokenizer, QUESTION, plain)).strip() == \
+        generate_batch(model, tokenizer, [QUESTION], max_new_tokens=12)[0]
+
+
+def test_sampled_pieces_join_to_the_full_text(tiny):
+    model, tokenizer = tiny
+    torch.manual_seed(3)
+    info = {}
+    pieces = list(stream_chat(model, tokenizer, QUESTION, SamplingArgs(max_new_tokens=60, temperature=1.0,
+                                                                       top_p=0.95, top_k=50), info=info))
+    assert info["completion_tokens"] >= 1
+    for piece in pieces[:-1]:  # only the final flush may end in U+FFFD, when the model made invalid bytes
+        assert not piece.endswith("\ufffd")
+
+
+def test_stop_event_and_early_exit_end_generation(tiny):
+    model, tokenizer = tiny
+    args = SamplingArgs(max_new_tokens=400, temperature=0)
+    stop, info = threading.Event(), {}
+    pieces = []
+    for piece in stream_chat(model, tokenizer, QUESTION, args, stop=stop, info=info):
+        pieces.append(piece)
+        stop.set()  # what a disconnecting client does
+    assert info["finish_reason"] == "cancelled" and info["completion_tokens"] < 50
+    # Leaving the loop early stops generation too, and the model is free again right away.
+    gen = stream_chat(model, tokenizer, QUESTION, args, info=(early := {}))
+    next(gen)
+    gen.close()
+    assert early["finish_reason"] == "cancelled" and early["completion_tokens"] < 50
+    assert threading.active_count() < 20
+
+
+def test_history_is_trimmed_to_max_length_keeping_system(tiny):
+    model, tokenizer = tiny
+    messages = [{"role": "system", "content": "SYSTEM RULES"}]
+    for i in range(12):
+        messages += [{"role": "user", "content": f"question {i} " + "word " * 10},
+                     {"role": "assistant", "content": f"answer {i} " + "word " * 10}]
+    messages.append({"role": "user", "content": "LAST QUESTION"})
+    args = SamplingArgs(max_new_tokens=30, max_length=200)
+    ids, max_new = plan_prompt(model, tokenizer, messages, args)
+    prompt = tokenizer.decode(ids)
+    assert len(ids) + max_new <= 200 and max_new == 30
+    assert prompt.startswith("<|im_start|>system\nSYSTEM RULES") and "LAST QUESTION" in prompt
+    assert "question 0 " not in prompt and "<|im_start|>user\nquestion" in prompt  # kept turns start at a user turn
+    # A short max_length still keeps the question (the answer gets at most half), and the model's
+    # context (512 positions) caps a huge one.
+    ids, max_new = plan_prompt(model, tokenizer, messages, SamplingArgs(max_new_tokens=512, max_length=64))
+    assert len(ids) + max_new <= 64 and max_new == 32
+    ids, max_new = plan_prompt(model, tokenizer, messages, SamplingArgs(max_new_tokens=100, max_length=100000))
+    assert len(ids) + max_new <= 512
+    with pytest.raises(SelfcogError):
+        plan_prompt(model, tokenizer, [], args)
+
+
+def test_generation_kwargs_map_sampling_options(tiny):
+    _, tokenizer = tiny
+    greedy = generation_kwargs(tokenizer, SamplingArgs(temperature=0, max_new_tokens=7))
+    assert greedy["do_sample"] is False and greedy["max_new_tokens"] == 7
+    assert set(greedy["eos_token_id"]) == {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    sampled = generation_kwargs(tokenizer, SamplingArgs(temperature=0.5, top_p=0.8, top_k=0, repetition_penalty=1.2))
+    assert (sampled["do_sample"], sampled["temperature"], sampled["top_p"], sampled["top_k"],
+            sampled["repetition_penalty"]) == (True, 0.5, 0.8, 0, 1.2)
+    with pytest.raises(SelfcogError, match="top-p"):
+        SamplingArgs(top_p=0).check()
+    with pytest.raises(SelfcogError, match="temperature"):
+        SamplingArgs(temperature=-1).check()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_streams_on_cuda(tiny_model_dir):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    assert model.device.type == "cuda"
+    info = {}
+    text = "".join(stream_chat(model, tokenizer, QUESTION, SamplingArgs(max_new_tokens=20), info=info))
+    assert info["completion_tokens"] >= 1 and isinstance(text, str)

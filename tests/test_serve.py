@@ -1,0 +1,223 @@
+"""`selfcog serve`: the OpenAI-compatible API, checked with the official `openai` client on a real port."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from selfcog.generate import SamplingArgs, stream_chat
+from selfcog.models import load_model
+from selfcog.serve import StopStrings, create_app
+
+KEY = "sk-test-key"
+ASK = [{"role": "user", "content": "你是谁？Who are you?"}]
+SEEDED = dict(temperature=0.8, max_tokens=24, seed=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny model is ~10x faster on one thread than two on this shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def expected(tiny):
+    """The answer the server must give (same generator, settings and seed)."""
+    torch.manual_seed(1)
+    answer = "".join(stream_chat(*tiny, ASK, SamplingArgs(max_new_tokens=24, temperature=0.8))).strip()
+    assert len(answer) > 10
+    return answer
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    """create_app on a free loopback port, uvicorn in a thread."""
+    import uvicorn
+
+    app = create_app(*tiny, "tiny", api_key=KEY)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    yield app, f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[1] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_lists_the_model(client):
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_non_streamed_answer(client, expected):
+    reply = client.chat.completions.create(model="tiny", messages=ASK, **SEEDED)
+    choice = reply.choices[0]
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+    assert choice.message.role == "assistant" and choice.message.content == expected
+    assert choice.finish_reason == "length"
+    assert reply.usage.completion_tokens == 24 and reply.usage.prompt_tokens > 5
+
+
+def test_streamed_answer(client, expected):
+    stream = client.chat.completions.create(model="tiny", messages=ASK, stream=True,
+                                            stream_options={"include_usage": True}, **SEEDED)
+    chunks = list(stream)
+    content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(content).strip() == expected and len(content) > 1
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].usage.completion_tokens == 24
+
+
+def test_sse_wire_format_ends_with_done(server):
+    _, url = server
+    body = {"messages": ASK, "stream": True, "max_tokens": 4}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    first = json.loads(lines[0][6:])
+    assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_wrong_or_missing_key_is_401(server):
+    _, url = server
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+    response = httpx.post(url + "/v1/chat/completions", json={"messages": ASK})
+    assert response.status_code == 401
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(url + "/health").status_code == 200  # no key needed
+
+
+def test_malformed_bodies_are_4xx(server, client):
+    _, url = server
+    response = httpx.post(url + "/v1/chat/completions", content=b"{not json",
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="tiny", messages=ASK, temperature=-1)
+    with pytest.raises(openai.NotFoundError, match="not found"):
+        client.chat.completions.create(model="gpt-4o", messages=ASK)
+
+
+def test_disconnect_mid_stream_stops_generation(server):
+    app, url = server
+    stats = app.state.worker.stats
+    before = stats["cancelled"]
+    body = {"messages": ASK, "stream": True, "max_tokens": 400, "temperature": 1.0, "seed": 1}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        next(response.iter_lines())  # the first event arrived: generation is under way; now hang up
+    deadline = time.monotonic() + 20
+    while stats["cancelled"] == before:
+        assert time.monotonic() < deadline, f"generation was not stopped: {stats}"
+        time.sleep(0.05)
+
+
+def test_concurrent_requests_are_queued_and_all_answered(client):
+    results, errors = [], []
+
+    def ask(i):
+        try:
+            reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"q{i}"}],
+                                                   max_tokens=6, seed=i)
+            results.append(reply.usage.completion_tokens)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 4 and all(1 <= n <= 6 for n in results)
+
+
+def test_stop_strings_cut_the_answer(client, expected):
+    stop = expected[len(expected) // 2:][:3]
+    assert stop.strip(), expected
+    reply = client.chat.completions.create(model="tiny", messages=ASK, stop=[stop], **SEEDED)
+    assert reply.choices[0].message.content == expected[:expected.index(stop)].strip()
+    assert reply.choices[0].finish_reason == "stop"
+    pieces = StopStrings(["END"])
+    assert [pieces.feed(p) for p in ["ab", "cE", "N", "Dx"]] == ["ab", "c", "", ""] and pieces.hit
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"messages": ASK, "temperature": -0.1}, 400, "temperature"),
+    ({"messages": ASK, "top_p": 0}, 400, "top_p"),
+    ({"messages": ASK, "top_p": 1.5}, 400, "top_p"),
+    ({"messages": ASK, "max_tokens": 0}, 400, "max_tokens"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role"),
+    ({}, 400, "messages"),
+    ({"messages": ASK, "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+     "messages"),
+    ({"messages": ASK, "model": "other"}, 404, "model"),
+    ([1, 2], 400, None),
+])
+def test_validation_errors_are_openai_shaped(tiny, body, status, param):
+    client = TestClient(create_app(*tiny, "tiny"))
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+
+
+def test_in_process_without_key(tiny):
+    with TestClient(create_app(*tiny, "tiny")) as client:
+        assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+        reply = client.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 3}).json()
+        assert reply["choices"][0]["message"]["role"] == "assistant" and reply["usage"]["completion_tokens"] <= 3
+        assert client.get("/nowhere").json()["error"]["message"] == "unknown path /nowhere"
+
+
+def test_full_queue_is_503_overloaded(tiny):
+    client = TestClient(create_app(*tiny, "tiny", max_queue=0))
+    response = client.post("/v1/chat/completions", json={"messages": ASK})
+    assert response.status_code == 503 and response.json()["error"]["code"] == "overloaded"
+
+
+def test_cli_reports_a_busy_port_in_one_line(tiny_model_dir):
+    from click.testing import CliRunner
+
+    from selfcog.cli import main
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = CliRunner().invoke(main, ["serve", str(tiny_model_dir), "--port", str(port)])
+    assert result.exit_code == 2 and "cannot listen" in result.stderr

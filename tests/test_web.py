@@ -1,0 +1,161 @@
+"""`selfcog web`: the Streamlit demo driven in a real headless browser, and compare mode in-process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfcog.web import APP, streamlit_command
+
+ARTIFACTS = Path(__file__).parents[1] / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny model is ~10x faster on one thread than two on this shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"streamlit exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    pytest.fail(f"streamlit not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def web_server(tiny_model_dir, tmp_path):
+    """`selfcog web TINY` on a free port, in its own process group so teardown ends Streamlit too."""
+    port = free_port()
+    log = tmp_path / "web.log"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "selfcog", "web", str(tiny_model_dir), "--port", str(port),
+                                 "--max-new-tokens", "64"], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/_stcore/health", proc, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing (apt-get install chromium)")
+def test_browser_chat_streams_and_clears(web_server):
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(web_server)
+            expect(page.get_by_role("heading", name="selfcog chat")).to_be_visible(timeout=60_000)
+            box = page.get_by_test_id("stChatInputTextArea")
+            expect(box).to_be_visible(timeout=90_000)  # the model has loaded
+            for label in ("Max Length", "Top P", "Temperature"):
+                expect(page.get_by_test_id("stSidebar").get_by_text(label, exact=True)).to_be_visible()
+            # Record whether an answer is ever shown while still streaming (with the cursor).
+            page.evaluate("""() => {
+                window.sawCursor = false;
+                new MutationObserver(() => {
+                    for (const m of document.querySelectorAll('[data-testid="stChatMessage"]'))
+                        if (m.innerText.includes('\u258c')) window.sawCursor = true;
+                }).observe(document.body, {subtree: true, childList: true, characterData: true});
+            }""")
+            box.fill("你是谁？Who are you?")
+            box.press("Enter")
+            messages = page.get_by_test_id("stChatMessage")
+            expect(messages).to_have_count(2, timeout=30_000)
+            expect(messages.first).to_contain_text("你是谁？Who are you?")
+            page.wait_for_function("""() => {
+                const m = document.querySelectorAll('[data-testid="stChatMessage"]');
+                return window.sawCursor && m.length === 2 && m[1].innerText.trim().length > 0
+                    && !m[1].innerText.includes('\u258c');
+            }""", timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "web.png"), full_page=True)
+            # A second question keeps the first exchange in the history.
+            box.fill("hello")
+            box.press("Enter")
+            expect(messages).to_have_count(4, timeout=30_000)
+            page.get_by_role("button", name="Clear Chat History").click()
+            expect(messages).to_have_count(0, timeout=30_000)
+        finally:
+            browser.close()
+
+
+def test_compare_mode_answers_side_by_side(tiny_model_dir, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setattr(sys, "argv", [str(APP), "--model", str(tiny_model_dir), "--compare", str(tiny_model_dir),
+                                      "--max-new-tokens", "8"])
+    app = AppTest.from_file(str(APP), default_timeout=60)
+    app.run()
+    assert not app.exception, app.exception
+    assert [s.label for s in app.sidebar.slider] == ["Max Length", "Top P", "Temperature"]
+    app.sidebar.slider[2].set_value(0.0)  # greedy: both panes give the same answer from the same weights
+    app.chat_input[0].set_value("Who are you?").run()
+    assert not app.exception, app.exception
+    assert len(app.columns) == 2
+    for column in app.columns:
+        assert [m.name for m in column.chat_message] == ["user", "assistant"]
+        assert column.chat_message[0].markdown[0].value == "Who are you?"
+    answers = [column.chat_message[1].markdown[0].value for column in app.columns]
+    assert answers[0] == answers[1] and "▌" not in answers[0]
+    assert [h.value for h in app.subheader] == [f"Base: {tiny_model_dir}", f"Tuned: {tiny_model_dir}"]
+    app.sidebar.button[0].click().run()
+    assert all(len(column.chat_message) == 0 for column in app.columns)
+
+
+def test_cli_builds_the_streamlit_command(tiny_model_dir):
+    cmd = streamlit_command(str(tiny_model_dir), port=8600, compare="base", adapter="ad")
+    assert cmd[:5] == [sys.executable, "-m", "streamlit", "run", str(APP)]
+    for pair in (["--server.headless", "true"], ["--server.port", "8600"], ["--browser.gatherUsageStats", "false"]):
+        assert cmd[cmd.index(pair[0]):cmd.index(pair[0]) + 2] == pair
+    assert cmd[cmd.index("--") + 1:] == ["--model", str(tiny_model_dir), "--max-new-tokens", "512",
+                                          "--compare", "base", "--adapter", "ad"]
+
+
+def test_cli_rejects_bad_inputs_in_one_line(tiny_model_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from selfcog.cli import main
+
+    result = CliRunner().invoke(main, ["web", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and result.stderr.startswith("selfcog: error:")
+    result = CliRunner().invoke(main, ["web", str(tiny_model_dir), "--adapter", str(tmp_path)])
+    assert result.exit_code == 2 and "not a LoRA adapter" in result.stderr
