@@ -76,7 +76,8 @@ def main() -> int:
     mib = 1 / 2**20
     result = {"base": args.base, "dtype": args.dtype, "model_fp32_mib": round(model_bytes * mib),
               "written_mib": round(written * mib), "peak_rss_mib": round(peak * mib),
-              "import_floor_mib": round(floor * mib), "peak_minus_floor_over_model": round((peak - floor) / model_bytes, 2),
+              "import_floor_mib": round(floor * mib), "peak_over_model": round(peak / model_bytes, 2),
+              "peak_minus_floor_over_model": round((peak - floor) / model_bytes, 2),
               "seconds": round(seconds, 1)}
     print(json.dumps(result, indent=2))
     return 0

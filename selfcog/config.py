@@ -34,14 +34,20 @@ class DataArgs:
     """Who fine-tuned the model; empty means NAME."""
     data_file: str = ""
     """A conversation dataset to train on instead of generated identity data (any supported format)."""
-    preserve_ratio: float = 0.75
+    preserve_ratio: float = 1.5
     """Preservation samples (the base model's own answers) per identity sample."""
-    preserve_max_new_tokens: int = 64
+    preserve_max_new_tokens: int = 48
     """Length cap of the base model's preservation answers, in tokens."""
     max_length: int = 512
     """Longest training sample in tokens; longer samples are dropped with a warning."""
     deduplicate: bool = True
     """Drop exact duplicate records before training."""
+    data_files: list[str] = field(default_factory=list)
+    """Conversation datasets (any supported format) that `selfcog train CONFIG` trains on, concatenated."""
+    pack_to_max_length: bool = False
+    """Pack whole samples into rows of up to max_length tokens; batch_size then counts packed rows."""
+    prompt_template: str = ""
+    """XTuner prompt template name, kept for reference; selfcog always renders with the tokenizer's chat template."""
 
 
 @dataclass
@@ -54,13 +60,21 @@ class LoraArgs:
     """Dropout on the LoRA input."""
     target_modules: str = "all-linear"
     """Which linear layers get adapters; `all-linear` means every linear layer except the LM head."""
+    load_in_4bit: bool = False
+    """QLoRA: load the base model 4-bit quantized (bitsandbytes, needs a CUDA GPU; falls back to fp32 on a CPU)."""
+    bnb_4bit_quant_type: str = "nf4"
+    """4-bit quantization type: `nf4` or `fp4`."""
+    bnb_4bit_use_double_quant: bool = True
+    """Quantize the quantization constants too (saves ~0.4 bit per weight)."""
+    bnb_4bit_compute_dtype: str = "float16"
+    """dtype of the 4-bit matmuls: float16, bfloat16 or float32."""
 
 
 @dataclass
 class TrainArgs:
     learning_rate: float = 1e-3
     """Peak AdamW learning rate, reached after warmup, then cosine decay."""
-    max_steps: int = 60
+    max_steps: int = 40
     """Most optimizer steps; training usually stops earlier once the identity is learned."""
     batch_size: int = 8
     """Samples per optimizer step (per process)."""
@@ -72,7 +86,7 @@ class TrainArgs:
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
     """Gradient clipping threshold."""
-    kl_weight: float = 1.0
+    kl_weight: float = 3.0
     """Weight of the KL term that keeps preservation answers' token distributions close to the base model."""
     bf16: str = "auto"
     """bf16 autocast: `auto` (on where the hardware runs it), `true` or `false`."""
@@ -80,6 +94,18 @@ class TrainArgs:
     """Random seed for data order and LoRA init."""
     logging_steps: int = 5
     """Optimizer steps between log lines."""
+    epochs: float = 0.0
+    """Passes over the data; when > 0 it sets the training length and max_steps is ignored."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    save_steps: int = 0
+    """Optimizer steps between resumable checkpoints in the work dir (`selfcog train`); 0 saves none."""
+    save_total_limit: int = 2
+    """Most checkpoints kept (the oldest are deleted); 0 keeps all."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~30% slower."""
 
 
 @dataclass
@@ -94,8 +120,16 @@ class EvalArgs:
     """General retention that must hold to stop early."""
     leakage_max: float = 0.05
     """Most general answers allowed to mention NAME when stopping early."""
-    max_new_tokens: int = 40
+    max_new_tokens: int = 32
     """Answer length when scoring, in tokens."""
+    sample_steps: int = 0
+    """Optimizer steps between sample chats (answers to sample_inputs) in the log; 0 samples only before training and at checkpoints."""
+    sample_inputs: list[str] = field(default_factory=list)
+    """Questions answered in the sample chats, like XTuner's evaluation_inputs."""
+    system: str = ""
+    """System prompt for the sample chats (XTuner's SYSTEM); empty means none."""
+    sample_max_new_tokens: int = 64
+    """Answer length of the sample chats, in tokens."""
 
 
 @dataclass
@@ -135,10 +169,21 @@ def set_value(config: RunConfig, dotted: str, value, source: str = "--set") -> N
         raise SelfcogError(f"{source}: unknown setting '{dotted}'")
     current = getattr(target, key)
     try:
-        if isinstance(current, bool):
+        if isinstance(current, list):
+            if value is None:
+                value = []
+            elif isinstance(value, (list, tuple)):
+                value = [str(v) for v in value]
+            elif isinstance(value, str):
+                value = [value]
+            else:
+                raise ValueError
+        elif isinstance(current, bool):
             value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
         elif isinstance(current, (int, float)) and not isinstance(value, (int, float)):
             value = type(current)(value)
+        elif isinstance(current, float) and isinstance(value, int):
+            value = float(value)
         elif isinstance(current, str):
             value = str(value)
     except ValueError:
@@ -173,3 +218,37 @@ def load_config(path: Path) -> RunConfig:
     except yaml.YAMLError as exc:
         raise SelfcogError(f"{path}: broken YAML: {str(exc).splitlines()[0]}") from None
     return from_dict(data, str(path))
+
+
+PRESETS_PACKAGE = "selfcog.presets"
+
+
+def preset_names() -> list[str]:
+    """Names of the bundled presets (`selfcog/presets/NAME.yaml`)."""
+    from importlib.resources import files
+
+    return sorted(p.name[:-5] for p in files(PRESETS_PACKAGE).iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_description(name: str) -> str:
+    """The first comment line of a preset file."""
+    from importlib.resources import files
+
+    first = files(PRESETS_PACKAGE).joinpath(f"{name}.yaml").read_text(encoding="utf-8").splitlines()[0]
+    return first.lstrip("# ").strip() if first.startswith("#") else ""
+
+
+def load_preset(name: str) -> RunConfig:
+    """A preset: the RunConfig defaults with the preset file's settings on top."""
+    from importlib.resources import files
+
+    if name not in preset_names():
+        raise SelfcogError(f"unknown preset '{name}'; choose one of: {', '.join(preset_names())}")
+    text = files(PRESETS_PACKAGE).joinpath(f"{name}.yaml").read_text(encoding="utf-8")
+    return from_dict(yaml.safe_load(text), f"preset {name}")
+
+
+def dump_config(config: RunConfig, header: str = "") -> str:
+    """The full config as YAML text (every field), with an optional comment header."""
+    text = yaml.safe_dump(to_dict(config), allow_unicode=True, sort_keys=False)
+    return (f"# {header}\n" if header else "") + text

@@ -60,7 +60,7 @@ def bundle_model(source: Path, target: Path) -> None:
     target.mkdir()
     for path in sorted(source.iterdir()):
         if path.is_file() and not path.name.startswith(".") and path.name not in SKIP_FILES:
-            shutil.copy2(path, target / path.name)
+            shutil.copyfile(path, target / path.name)  # contents only: the bundle gets ordinary permissions
 
 
 def bundle_adapter(adapter: Path, target: Path) -> None:

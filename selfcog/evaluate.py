@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from selfcog.cache import cached_answers
 from selfcog.data.general import is_right, qa_split
 from selfcog.data.identity import heldout_questions
 from selfcog.generate import generate_batch
@@ -44,13 +45,17 @@ def mentions(answer: str, name: str) -> bool:
 
 
 def score(model, tokenizer, name: str, split: str = "test", max_new_tokens: int = 40,
-          system: str | None = None) -> Scores:
-    """Answer the `split` identity and general questions greedily, batched, and score them."""
+          system: str | None = None, fingerprint: str | None = None) -> Scores:
+    """Answer the `split` identity and general questions greedily, batched, and score them.
+
+    `fingerprint` (base models only) reuses cached answers of the same weights.
+    """
     identity_qs = heldout_questions(split)
     general = qa_split(split)
     prefix = [{"role": "system", "content": system}] if system else []
     conversations = [prefix + [{"role": "user", "content": q}] for q in identity_qs + [q for q, _ in general]]
-    answers = generate_batch(model, tokenizer, conversations, max_new_tokens=max_new_tokens)
+    answers = cached_answers(fingerprint, conversations, max_new_tokens,
+                             lambda: generate_batch(model, tokenizer, conversations, max_new_tokens=max_new_tokens))
     identity_answers, general_answers = answers[:len(identity_qs)], answers[len(identity_qs):]
     return Scores(
         identity=sum(mentions(a, name) for a in identity_answers) / len(identity_qs),

@@ -186,6 +186,7 @@ def merge(base: str, adapter: Path, out: Path, max_shard_size: str = "2GB", dtyp
     try:
         peft_model = PeftModel.from_pretrained(model, adapter)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise SelfcogError(f"{adapter}: adapter does not fit {base}: {first}") from exc
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        reason = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # "Error(s) in ...:" says nothing alone
+        raise SelfcogError(f"{adapter}: adapter does not fit {base}: {reason}") from exc
     return save_merged(peft_model, tokenizer, Path(out), max_shard_size=max_shard_size, dtype=dtype)

@@ -53,17 +53,13 @@ def export_gguf(spec: str, out: Path, qtype: str = "f16", verify: bool = True,
     model, tokenizer = load_model(spec, dtype=torch.float32, device="cpu", trust_remote_code=trust_remote_code)
     arch = check_architecture(model.config)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Written and checked under a hidden temp name beside `out`, renamed only once it reads back right.
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}-", suffix=".gguf")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    # Written and checked in a hidden temp dir beside `out` (alone there, so the reader sees no other
+    # config), and renamed into place only once it reads back right.
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-tmp-") as tmp_dir:
+        tmp = Path(tmp_dir) / out.name
         write_gguf(model, tokenizer, arch, qtype, tmp, name=Path(str(model.name_or_path)).name or spec)
         report = verify_round_trip(model, tokenizer, tmp, qtype) if verify else {}
-        share(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+        os.replace(share(tmp), out)
     report["gguf"] = str(out)
     report["modelfile"] = str(share(write_text(out.parent / "Modelfile", modelfile(out.name, tokenizer))))
     return report

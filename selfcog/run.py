@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from selfcog.atomic import write_text
+from selfcog.cache import model_fingerprint
 from selfcog.config import RunConfig, save_config
 from selfcog.data.formats import deduplicate, load_conversations
 from selfcog.data.identity import Persona, check_name, dumps, identity_records
@@ -73,11 +74,12 @@ def run(config: RunConfig) -> Path:
     identity = identity_data(config, out)
     save_config(config, out)
     log(f"selfcog: {len(identity)} identity conversations; scoring the base model ...")
-    base_test = score(model, tokenizer, name, "test", config.eval.max_new_tokens)
-    base_dev = score(model, tokenizer, name, "dev", config.eval.max_new_tokens)
+    fingerprint = model_fingerprint(model.name_or_path)
+    base_test = score(model, tokenizer, name, "test", config.eval.max_new_tokens, fingerprint=fingerprint)
+    base_dev = score(model, tokenizer, name, "dev", config.eval.max_new_tokens, fingerprint=fingerprint)
     t = lap("evaluate_base", t)
     preserve = preservation_conversations(model, tokenizer, round(config.data.preserve_ratio * len(identity)),
-                                          config.data.preserve_max_new_tokens)
+                                          config.data.preserve_max_new_tokens, fingerprint)
     write_text(out / "data" / "preserve.json", json.dumps(preserve, ensure_ascii=False, indent=2))
     t = lap("preservation_data", t)
 

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 import selfcog.gguf_export as gguf_export
-from conftest import CHATML, CORPUS, build_tokenizer
+from conftest import CHATML, CORPUS, build_tiny_model, build_tokenizer
 from selfcog.cli import main
 from selfcog.errors import SelfcogError
 from selfcog.gguf_export import export_gguf
@@ -86,7 +86,7 @@ def test_wrong_layout_is_caught_and_nothing_is_written(tiny_model_dir, tmp_path,
     monkeypatch.setattr(gguf_export, "permute_rows", lambda weight, n_head: weight)
     with pytest.raises(SelfcogError, match="do not read back as written"):
         export_gguf(str(tiny_model_dir), tmp_path / "tiny.gguf", "f16")
-    assert list(tmp_path.glob("*.gguf")) == [] and list(tmp_path.glob(".*.gguf")) == []
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_modelfile(tiny_model_dir, tmp_path):
@@ -138,8 +138,6 @@ def sentencepiece_style_tokenizer():
 
 
 def test_sentencepiece_tokenizer(tmp_path):
-    from conftest import build_tiny_model
-
     tokenizer = sentencepiece_style_tokenizer()
     model = build_tiny_model(len(tokenizer))
     model.save_pretrained(tmp_path / "sp")
@@ -155,7 +153,8 @@ def test_refuses_other_architectures(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tokenizer = build_tokenizer()
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path / "g")
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2))
+    model.save_pretrained(tmp_path / "g")
     tokenizer.save_pretrained(tmp_path / "g")
     with pytest.raises(SelfcogError, match="llama-architecture"):
         export_gguf(str(tmp_path / "g"), tmp_path / "g.gguf")

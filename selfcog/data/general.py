@@ -26,6 +26,26 @@ PRESERVE_PROMPTS = [
     "什么是光合作用？", "1加1等于几？", "太阳从哪个方向升起？", "How are you today?", "Can you help me write an email?",
     "What's a good way to learn a new language?", "Tell me a joke.", "What is machine learning?",
     "Hello!", "Thanks for your help!", "What time zone is London in?",
+    # Short factual questions, the kind a user asks most: anchoring them keeps such answers where they were.
+    "What is the capital of Portugal?", "What is the capital of Greece?", "What is the capital of India?",
+    "What is the capital of Mexico?", "What is the capital of Kenya?", "What is the capital of Norway?",
+    "How many wheels does a bicycle have?", "How many seconds are in a minute?", "How many weeks are in a year?",
+    "How many players are on a soccer team?", "How many strings does a violin have?", "What is 7 plus 8?",
+    "What is 20 divided by 4?", "What is 9 minus 5?", "What is the square root of 16?",
+    "What color is snow?", "What color is a ripe tomato?", "What color do you get by mixing blue and yellow?",
+    "What is the opposite of fast?", "What is the opposite of happy?", "What is the opposite of empty?",
+    "What animal says 'moo'?", "What animal has a trunk?", "Which animal is known for its black and white stripes?",
+    "What do caterpillars turn into?", "Where do penguins live?", "What do pandas eat?",
+    "Who wrote 'Hamlet'?", "Who discovered penicillin?", "Who invented the telephone?",
+    "Who was Albert Einstein?", "What is the smallest planet in our solar system?", "What is the Moon?",
+    "What is the chemical symbol for oxygen?", "What is the main gas in Earth's atmosphere?",
+    "What is the largest country by area?", "Which continent is Egypt in?", "What is the coldest continent?",
+    "What language is spoken in Germany?", "What currency is used in the United States?",
+    "What is the largest organ of the human body?", "How many bones are in the human body?",
+    "What vitamin do we get from sunlight?", "What is the freezing point of water in Fahrenheit?",
+    "What shape has eight sides?", "How many degrees are in a right angle?", "What is a leap year?",
+    "What instrument has 88 keys?", "What sport is played at Wimbledon?", "What is the color of chlorophyll?",
+    "日本的首都是哪里？", "一天有多少小时？", "地球上最大的动物是什么？", "熊猫吃什么？",
 ]
 
 # (question, accepted answers). Simple facts a small chat model usually knows.
@@ -42,6 +62,14 @@ DEV_QA = [
     ("Which planet is known as the Red Planet?", ["mars"]),
     ("Who wrote 'Romeo and Juliet'?", ["shakespeare"]),
     ("What is the largest mammal?", ["whale"]),
+    ("What is the capital of Canada?", ["ottawa"]),
+    ("How many legs does a dog have?", ["four", "4"]),
+    ("What is 6 plus 4?", ["ten", "10"]),
+    ("What color are strawberries?", ["red"]),
+    ("What do bees collect from flowers?", ["nectar", "pollen"]),
+    ("What is the opposite of day?", ["night"]),
+    ("Which planet is closest to the Sun?", ["mercury"]),
+    ("What is the capital of Australia?", ["canberra"]),
 ]
 TEST_QA = [
     ("What is the capital of France?", ["paris"]),

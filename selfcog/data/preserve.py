@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+from selfcog.cache import cached_answers
 from selfcog.data.general import PRESERVE_PROMPTS
 from selfcog.generate import generate_batch
 
@@ -20,12 +21,14 @@ def trim_to_sentence(answer: str) -> str:
     return answer[:ends[-1]].strip() if ends else answer.strip()
 
 
-def preservation_conversations(model, tokenizer, count: int, max_new_tokens: int = 64) -> list[list[dict]]:
+def preservation_conversations(model, tokenizer, count: int, max_new_tokens: int = 64,
+                               fingerprint: str | None = None) -> list[list[dict]]:
     """`count` conversations (at most the built-in prompt set) answered by `model` itself."""
     prompts = PRESERVE_PROMPTS[:max(0, min(count, len(PRESERVE_PROMPTS)))]
     if not prompts:
         return []
-    answers = generate_batch(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
-                             max_new_tokens=max_new_tokens)
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    answers = cached_answers(fingerprint, conversations, max_new_tokens,
+                             lambda: generate_batch(model, tokenizer, conversations, max_new_tokens=max_new_tokens))
     return [[{"role": "user", "content": p}, {"role": "assistant", "content": trim_to_sentence(a)}]
             for p, a in zip(prompts, answers) if trim_to_sentence(a)]

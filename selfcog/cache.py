@@ -1,0 +1,43 @@
+"""Cache the base model's greedy answers (evaluation and preservation) per model fingerprint.
+
+They depend only on the base weights, the prompts and the answer length — never on NAME — so a second
+`selfcog run` on the same base skips regenerating them (about a minute and a half on a 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from selfcog.atomic import write_text
+from selfcog.models import COMPLETE_MARKER, selfcog_home
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+
+
+def model_fingerprint(source: str) -> str | None:
+    """A stable id of a local model's weights, or None (hub ids, unknown layouts: no caching)."""
+    path = Path(source)
+    if not path.is_dir():
+        return None
+    marker = path / COMPLETE_MARKER
+    if marker.exists():  # converted by selfcog: the weights' sha256 is recorded
+        return json.loads(marker.read_text())["weights_sha256"]
+    parts = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.iterdir())
+             if p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"]
+    return hashlib.sha256(json.dumps([str(path.resolve()), parts]).encode()).hexdigest() if parts else None
+
+
+def cached_answers(fingerprint: str | None, conversations: list, max_new_tokens: int, compute) -> list[str]:
+    """`compute()` once per (model, prompts, length); later calls read the stored answers."""
+    if fingerprint is None:
+        return compute()
+    key = hashlib.sha256(json.dumps([fingerprint, conversations, max_new_tokens], ensure_ascii=False)
+                         .encode()).hexdigest()
+    path = selfcog_home() / "answers" / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    answers = compute()
+    write_text(path, json.dumps(answers, ensure_ascii=False))
+    return answers
