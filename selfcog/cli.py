@@ -198,5 +198,176 @@ def deploy(model_spec, out_dir, target, repo_id, title):
     click.echo(f"app bundle: {make_bundle(model_spec, Path(out_dir), target, repo_id, title)} (see its README.md)")
 
 
+def broken_json_record(path: Path) -> int | None:
+    """Index of the first record of a JSON array that does not parse (None when the array itself is fine)."""
+    import json
+
+    text = path.read_text(encoding="utf-8")
+    decoder, i = json.JSONDecoder(), text.index("[") + 1
+    index = 0
+    while True:
+        while i < len(text) and text[i] in " \t\r\n":
+            i += 1
+        if i < len(text) and text[i] == "]":
+            return None
+        try:
+            _, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return index
+        while i < len(text) and text[i] in " \t\r\n":
+            i += 1
+        if i < len(text) and text[i] == ",":
+            i += 1
+        elif i >= len(text) or text[i] != "]":
+            return index + 1 if i < len(text) else index
+        index += 1
+
+
+def marked_example(tokenizer, messages: list[dict]) -> str:
+    """The rendered sample with each span of loss-carrying tokens wrapped in [[ ]]."""
+    from itertools import groupby
+
+    from selfcog.templates import IGNORE_INDEX, encode_example
+
+    input_ids, labels = encode_example(tokenizer, messages)
+    pieces = []
+    for learned, group in groupby(zip(input_ids, labels), key=lambda pair: pair[1] != IGNORE_INDEX):
+        text = tokenizer.decode([token for token, _ in group])
+        pieces.append(f"[[{text}]]" if learned else text)
+    return "".join(pieces)
+
+
+def load_checked(path: Path) -> list[list[dict]]:
+    """load_conversations, with the record index added to a broken-JSON error in a JSON array."""
+    from selfcog.data.formats import load_conversations
+
+    try:
+        return load_conversations(path)
+    except SelfcogError as exc:
+        message = str(exc)
+        if "broken JSON at line" in message:
+            index = broken_json_record(path)
+            if index is not None:
+                message = message.replace(": broken JSON", f": record {index}: broken JSON", 1)
+        raise SelfcogError(message) from None
+
+
+def check_data_report(path: Path, conversations: list[list[dict]], tokenizer, model_spec: str,
+                      keep_duplicates: bool, max_length: int) -> str:
+    """Counts, token length stats and one example with its loss-carrying tokens marked."""
+    import json
+    from collections import Counter
+
+    from selfcog.templates import encode_example
+
+    counts = Counter(json.dumps(c, ensure_ascii=False, sort_keys=True) for c in conversations)
+    duplicates = len(conversations) - len(counts)
+    turns = sum(1 for c in conversations for m in c if m["role"] == "assistant")
+    lengths = {key: len(encode_example(tokenizer, json.loads(key))[0]) for key in counts}
+    sizes = ([n for key, n in lengths.items() for _ in range(counts[key])] if keep_duplicates
+             else list(lengths.values()))
+    too_long = sum(1 for n in sizes if n > max_length)
+    kept = "kept (--keep-duplicates)" if keep_duplicates else "removed before training; --keep-duplicates keeps them"
+    lines = [f"{path}: OK",
+             f"  records           {len(conversations)}",
+             f"  turns             {turns} (assistant answers)",
+             f"  distinct          {len(counts)}",
+             f"  exact duplicates  {duplicates}" + (f" ({kept})" if duplicates else ""),
+             f"  tokens ({model_spec}, {len(sizes)} samples): min {min(sizes)}  mean {sum(sizes) / len(sizes):.1f}"
+             f"  max {max(sizes)}  longer than max_length {max_length}: {too_long}",
+             "", "example (record 0), loss-carrying tokens in [[ ]]:", marked_example(tokenizer, conversations[0])]
+    if duplicates:
+        top, n = counts.most_common(1)[0]
+        lines.insert(5, f"  most repeated     {n}x {json.loads(top)[-1]['content'][:60]!r}")
+    return "\n".join(lines)
+
+
+@main.command("check-data")
+@click.argument("data_file", type=click.Path(path_type=Path))
+@click.option("--model", "model_spec", default=DEFAULT_MODEL, show_default=True,
+              help="Model whose tokenizer and chat template measure the samples.")
+@click.option("--keep-duplicates", is_flag=True, help="Count token stats over every record, duplicates included.")
+@click.option("--max-length", default=512, show_default=True, help="Report samples longer than this many tokens.")
+@click.option("--trust-remote-code", is_flag=True)
+def check_data(data_file, model_spec, keep_duplicates, max_length, trust_remote_code):
+    """Validate DATA_FILE (XTuner conversation, OpenAI messages, alpaca, sharegpt), like `xtuner check-custom-dataset`."""
+    from selfcog.models import load_tokenizer
+
+    conversations = load_checked(data_file)  # a malformed file fails before any model is fetched
+    tokenizer = load_tokenizer(model_spec, trust_remote_code=trust_remote_code)
+    click.echo(check_data_report(data_file, conversations, tokenizer, model_spec, keep_duplicates, max_length))
+
+
+@main.group("config")
+def config_group():
+    """Bundled presets: list them, copy one out as an editable YAML config."""
+
+
+@config_group.command("list")
+def config_list():
+    """Show the bundled presets."""
+    from selfcog.config import preset_description, preset_names
+
+    for name in preset_names():
+        click.echo(f"{name:32} {preset_description(name)}")
+
+
+@config_group.command("copy")
+@click.argument("name")
+@click.argument("directory", type=click.Path(path_type=Path))
+def config_copy(name, directory):
+    """Write preset NAME, every setting spelled out, to DIRECTORY/NAME.yaml."""
+    from selfcog.atomic import write_text
+    from selfcog.config import dump_config, load_preset, preset_description
+
+    text = dump_config(load_preset(name), f"{name}: {preset_description(name)}")
+    target = Path(directory) / f"{name}.yaml"
+    try:
+        write_text(target, text)
+    except OSError as exc:
+        raise SelfcogError(f"{target}: cannot write ({exc.strerror or exc})") from None
+    click.echo(f"wrote {target}")
+
+
+def resolve_train_config(source: str) -> "RunConfig":
+    """A selfcog YAML file, an XTuner .py config (warnings to stderr) or a preset name."""
+    from selfcog.config import load_config, load_preset, preset_names
+    from selfcog.models import log
+
+    path = Path(source)
+    if path.suffix == ".py":
+        from selfcog.xtuner import load_xtuner_config
+
+        config, warnings = load_xtuner_config(path)
+        for warning in warnings:
+            log(f"selfcog: warning: {warning}")
+        return config
+    if not path.exists() and source in preset_names():
+        return load_preset(source)
+    return load_config(path)
+
+
+@main.command()
+@click.argument("config_source", metavar="CONFIG")
+@click.option("--dry-run", is_flag=True, help="Print the resolved selfcog config as YAML and exit.")
+@click.option("--work-dir", default=None, help="Checkpoints, logs, sample chats and the adapter (default "
+              "work_dirs/CONFIG_NAME).")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in the work dir.")
+@click.option("--set", "overrides", multiple=True, help="Override a setting: --set train.epochs=1.")
+def train(config_source, dry_run, work_dir, resume, overrides):
+    """Train a LoRA adapter from CONFIG: a selfcog YAML, an XTuner Python config, or a preset name."""
+    from selfcog.config import apply_overrides, dump_config
+
+    config = apply_overrides(resolve_train_config(config_source), list(overrides))
+    if dry_run:
+        click.echo(dump_config(config), nl=False)
+        return
+    from selfcog.train import train_from_config
+
+    work = Path(work_dir) if work_dir else Path("work_dirs") / Path(config_source).stem
+    adapter = train_from_config(config, work, resume=resume)
+    click.echo(f"adapter: {adapter}")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -59,7 +59,7 @@ class LoraArgs:
     dropout: float = 0.0
     """Dropout on the LoRA input."""
     target_modules: str = "all-linear"
-    """Which linear layers get adapters; `all-linear` means every linear layer except the LM head."""
+    """Which linear layers get adapters: `all-linear` (every one but the LM head) or names like `q_proj,v_proj`."""
     load_in_4bit: bool = False
     """QLoRA: load the base model 4-bit quantized (bitsandbytes, needs a CUDA GPU; falls back to fp32 on a CPU)."""
     bnb_4bit_quant_type: str = "nf4"

@@ -32,8 +32,13 @@ def add_lora(model, config: RunConfig):
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                      target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
+                      target_modules=lora_targets(config.lora.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
+
+
+def lora_targets(setting: str) -> str | list[str]:
+    """`all-linear`, or a comma-separated list of module names such as `q_proj,v_proj`."""
+    return setting if setting == "all-linear" else [name.strip() for name in setting.split(",") if name.strip()]
 
 
 def use_bf16(setting: str) -> bool:
@@ -185,3 +190,198 @@ def save_adapter(peft_model, tokenizer, config: RunConfig, target: Path) -> Path
         tokenizer.save_pretrained(tmp)
         save_config(config, tmp)
     return target
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `selfcog train CONFIG`: plain SFT on data files with XTuner's knobs (epochs, packing, checkpoints, resume,
+# sample chats). `fit` above stays the identity job's trainer.
+# ---------------------------------------------------------------------------------------------------------
+
+def pack_to_max_length(examples: list[dict], max_length: int) -> list[list[dict]]:
+    """Whole samples grouped greedily, in order, into bins of at most max_length tokens (never split)."""
+    bins: list[list[dict]] = []
+    size = max_length + 1
+    for example in examples:
+        n = len(example["input_ids"])
+        if size + n > max_length:
+            bins.append([])
+            size = 0
+        bins[-1].append(example)
+        size += n
+    return bins
+
+
+def pack_bins(features: list) -> dict[str, torch.Tensor]:
+    """pack_batch over samples or over bins of samples (data.pack_to_max_length)."""
+    flat = [e for f in features for e in (f if isinstance(f, list) else [f])]
+    return pack_batch(flat)
+
+
+def quantization_kwargs(config: RunConfig) -> dict:
+    """`from_pretrained` kwargs for QLoRA; on a machine without CUDA: a one-line warning and plain fp32 LoRA."""
+    if not config.lora.load_in_4bit:
+        return {}
+    if not torch.cuda.is_available():
+        log("selfcog: warning: lora.load_in_4bit needs a CUDA GPU (bitsandbytes); training LoRA in fp32 instead")
+        return {}
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        log("selfcog: warning: lora.load_in_4bit needs `pip install bitsandbytes`; training LoRA without quantization")
+        return {}
+    return {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=config.lora.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=config.lora.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, config.lora.bnb_4bit_compute_dtype))}
+
+
+def total_steps(config: RunConfig, n_items: int) -> int:
+    """Optimizer steps the run will take (epochs when set, else max_steps)."""
+    t = config.train
+    if t.epochs <= 0:
+        return t.max_steps
+    per_epoch = max(1, math.ceil(math.ceil(n_items / t.batch_size) / t.grad_accum))
+    return max(1, math.ceil(per_epoch * t.epochs))
+
+
+def engine_args(config: RunConfig, work_dir: Path, n_items: int) -> TrainingArguments:
+    t = config.train
+    return TrainingArguments(
+        output_dir=str(work_dir), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate, lr_scheduler_type="cosine",
+        warmup_steps=math.ceil(t.warmup_ratio * total_steps(config, n_items)),
+        max_steps=t.max_steps if t.epochs <= 0 else -1, num_train_epochs=t.epochs if t.epochs > 0 else 1,
+        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps, save_strategy="steps" if t.save_steps > 0 else "no",
+        save_steps=t.save_steps if t.save_steps > 0 else 500, save_total_limit=t.save_total_limit or None,
+        **({"gradient_checkpointing": True} if t.gradient_checkpointing else {}), report_to=[], bf16=use_bf16(t.bf16),
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, seed=t.seed, data_seed=t.seed,
+        remove_unused_columns=False, disable_tqdm=True,
+    )
+
+
+class CheckpointingTrainer(PreservingTrainer):
+    """Writes every checkpoint into a staging folder and renames it into place, so a kill mid-save never leaves a
+    half-written `checkpoint-N` that `resume_from_checkpoint=True` (newest by number) would pick."""
+
+    def _save_checkpoint(self, model, trial):
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        from selfcog.atomic import replace_dir
+
+        run_dir = Path(self.args.output_dir)
+        stage = run_dir / ".staging"
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+        self.args.output_dir = str(stage)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = str(run_dir)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        replace_dir(stage / name, run_dir / name)
+        shutil.rmtree(stage, ignore_errors=True)
+        if self.args.save_total_limit:
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               use_mtime=False)
+
+
+class SampleChats(TrainerCallback):
+    """XTuner's EvaluateChatHook: greedy answers to eval.sample_inputs every sample_steps and at each checkpoint,
+    logged and written to `WORK_DIR/eval_outputs/step_N.txt`."""
+
+    def __init__(self, config: RunConfig, tokenizer, work_dir: Path):
+        self.config, self.tokenizer, self.out = config, tokenizer, Path(work_dir) / "eval_outputs"
+
+    def sample(self, model, step: int) -> list[str]:
+        from selfcog.atomic import write_text
+        from selfcog.generate import generate_batch
+
+        inputs = self.config.eval.sample_inputs
+        if not inputs:
+            return []
+        system = [{"role": "system", "content": self.config.eval.system}] if self.config.eval.system else []
+        was_training = model.training
+        model.eval()
+        answers = generate_batch(model, self.tokenizer, [system + [{"role": "user", "content": q}] for q in inputs],
+                                 self.config.eval.sample_max_new_tokens)
+        if was_training:
+            model.train()
+        text = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in zip(inputs, answers))
+        write_text(self.out / f"step_{step}.txt", text)
+        log(f"selfcog: sample chats at step {step}:\n{text.rstrip()}")
+        return answers
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        every = self.config.eval.sample_steps
+        if every and state.global_step % every == 0:
+            self.sample(model, state.global_step)
+        return control
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if not (self.out / f"step_{state.global_step}.txt").exists():
+            self.sample(model, state.global_step)
+        return control
+
+
+def train_data(config: RunConfig) -> list[list[dict]]:
+    from selfcog.data.formats import deduplicate, load_conversations
+    from selfcog.errors import SelfcogError
+
+    files = list(config.data.data_files) or ([config.data.data_file] if config.data.data_file else [])
+    if not files:
+        raise SelfcogError("no training data: set data.data_files (or data.data_file)")
+    conversations = [c for f in files for c in load_conversations(Path(f))]
+    if config.data.deduplicate:
+        conversations, removed = deduplicate(conversations)
+        if removed:
+            log(f"selfcog: removed {removed} exact duplicate records (set data.deduplicate false to keep them)")
+    return conversations
+
+
+def train_from_config(config: RunConfig, work_dir: Path, resume: bool = False) -> Path:
+    """SFT a LoRA adapter on config.data.data_files into `work_dir/adapter`, with checkpoints, resume and sample
+    chats; returns the adapter directory."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from selfcog.data.tokenize import build_examples
+    from selfcog.errors import SelfcogError
+    from selfcog.models import load_model
+
+    work_dir = Path(work_dir)
+    conversations = train_data(config)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = get_last_checkpoint(str(work_dir)) if resume else None
+    if resume and checkpoint is None:
+        raise SelfcogError(f"--resume: no checkpoint-N in {work_dir}")
+    quant = quantization_kwargs(config)
+    model, tokenizer = load_model(config.model.spec, dtype=torch.float32,
+                                  trust_remote_code=config.model.trust_remote_code, **quant)
+    examples, dropped = build_examples(tokenizer, conversations, False, config.data.max_length)
+    if dropped:
+        log(f"selfcog: dropped {dropped} samples longer than {config.data.max_length} tokens")
+    if not examples:
+        raise SelfcogError(f"no sample fits data.max_length {config.data.max_length}")
+    dataset = pack_to_max_length(examples, config.data.max_length) if config.data.pack_to_max_length else examples
+    save_config(config, work_dir)
+    torch.manual_seed(config.train.seed)
+    if quant:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.train.gradient_checkpointing)
+    peft_model = add_lora(model, config)
+    if config.train.gradient_checkpointing:
+        peft_model.enable_input_require_grads()
+    samples = SampleChats(config, tokenizer, work_dir)
+    trainer = CheckpointingTrainer(
+        model=peft_model, args=engine_args(config, work_dir, len(dataset)), train_dataset=dataset,
+        data_collator=pack_bins, callbacks=[samples, JsonlLog(work_dir / "log.jsonl")],
+        kl_weight=config.train.kl_weight)
+    log(f"selfcog: training on {len(examples)} samples ({len(dataset)} items after packing), "
+        f"{total_steps(config, len(dataset))} steps" + (f", resuming from {checkpoint}" if checkpoint else ""))
+    if not checkpoint:
+        samples.sample(peft_model, 0)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    peft_model.eval()
+    return save_adapter(peft_model, tokenizer, config, work_dir / "adapter")
