@@ -110,14 +110,14 @@ class TrainArgs:
 
 @dataclass
 class EvalArgs:
-    eval_steps: int = 10
+    eval_steps: int = 5
     """Optimizer steps between early-stopping checks on the dev phrasings; 0 disables."""
-    min_steps: int = 20
+    min_steps: int = 15
     """No early stop before this many steps."""
     identity_threshold: float = 0.9
-    """Identity pass rate needed to stop early."""
+    """Dev identity pass rate at which training stops (with leakage at most leakage_max)."""
     retention_threshold: float = 0.9
-    """General retention that must hold to stop early."""
+    """Dev retention below this at the early stop is reported as a warning."""
     leakage_max: float = 0.05
     """Most general answers allowed to mention NAME when stopping early."""
     max_new_tokens: int = 32

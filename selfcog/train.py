@@ -130,8 +130,12 @@ class IdentityEarlyStop(TrainerCallback):
         log(f"selfcog: step {state.global_step} dev identity {dev.identity:.2f} "
             f"retention {fmt(dev.retention)} leakage {dev.leakage:.2f}")
         ev = self.config.eval
-        if (dev.identity >= ev.identity_threshold and dev.leakage <= ev.leakage_max
-                and (dev.retention is None or dev.retention >= ev.retention_threshold)):
+        if dev.identity >= ev.identity_threshold and dev.leakage <= ev.leakage_max:
+            # More steps only move general answers further from the base model, so stop here either way;
+            # a retention drop is reported rather than trained through.
+            if dev.retention is not None and dev.retention < ev.retention_threshold:
+                log(f"selfcog: warning: dev retention {dev.retention:.2f} is below {ev.retention_threshold}; "
+                    "a lower learning rate or more preservation samples may keep more")
             log(f"selfcog: identity learned at step {state.global_step}; stopping early")
             control.should_training_stop = True
         return control

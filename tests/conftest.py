@@ -63,6 +63,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models run ~10x faster on one torch thread than on two when anything else shares the 2 cores
+    (OpenMP's spinning threads collide); the slow tier runs in subprocesses and keeps torch's default."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    """(model, tokenizer) of the tiny model, loaded once per module."""
+    from selfcog.models import load_model
+
+    return load_model(str(tiny_model_dir))
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
     """Every cache and output lands in tmp_path; the real embedded model cache is reused only by the slow tier."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 import selfcog.chat
@@ -12,15 +11,6 @@ from selfcog.generate import SamplingArgs, stream_chat
 from selfcog.models import load_model
 
 GREEDY = ["--temperature", "0", "--max-new-tokens", "12", "--repetition-penalty", "1.5"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model is ~10x faster on one thread than two on this shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -15,20 +15,6 @@ from selfcog.templates import stop_token_ids
 QUESTION = [{"role": "user", "content": "你是谁？Who are you?"}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model is ~10x faster on one thread than two on this shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return load_model(str(tiny_model_dir))
-
-
 @pytest.fixture(scope="module")
 def scripted(tiny_model_dir):
     """The tiny model forced to emit a given token script, one token per forward pass."""

@@ -14,26 +14,11 @@ import torch
 from fastapi.testclient import TestClient
 
 from selfcog.generate import SamplingArgs, stream_chat
-from selfcog.models import load_model
 from selfcog.serve import StopStrings, create_app
 
 KEY = "sk-test-key"
 ASK = [{"role": "user", "content": "你是谁？Who are you?"}]
 SEEDED = dict(temperature=0.8, max_tokens=24, seed=1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model is ~10x faster on one thread than two on this shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return load_model(str(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")
