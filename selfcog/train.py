@@ -265,30 +265,35 @@ def engine_args(config: RunConfig, work_dir: Path, n_items: int) -> TrainingArgu
     )
 
 
-class CheckpointingTrainer(PreservingTrainer):
-    """Writes every checkpoint into a staging folder and renames it into place, so a kill mid-save never leaves a
-    half-written `checkpoint-N` that `resume_from_checkpoint=True` (newest by number) would pick."""
+CHECKPOINT_DONE = "selfcog-complete"
 
-    def _save_checkpoint(self, model, trial):
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-        from selfcog.atomic import replace_dir
+class MarkCompleteCheckpoints(TrainerCallback):
+    """Marks each `checkpoint-N` once the Trainer has finished writing it (`on_save` runs after the save).
 
-        run_dir = Path(self.args.output_dir)
-        stage = run_dir / ".staging"
-        shutil.rmtree(stage, ignore_errors=True)
-        stage.mkdir(parents=True)
-        self.args.output_dir = str(stage)
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.output_dir = str(run_dir)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        replace_dir(stage / name, run_dir / name)
-        shutil.rmtree(stage, ignore_errors=True)
-        if self.args.save_total_limit:
-            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
-                               use_mtime=False)
+    The Trainer writes checkpoints in place; a kill mid-save leaves a folder without the marker, which
+    `newest_complete_checkpoint` skips. Public callback API only — no private Trainer methods.
+    """
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            (folder / CHECKPOINT_DONE).write_text(str(state.global_step))
+        return control
+
+
+def newest_complete_checkpoint(work_dir: Path) -> Path | None:
+    """The highest-numbered checkpoint that was fully written; half-written ones are removed."""
+    complete = []
+    for folder in Path(work_dir).glob("checkpoint-*"):
+        if not folder.name.split("-")[-1].isdigit():
+            continue
+        if (folder / CHECKPOINT_DONE).exists():
+            complete.append(folder)
+        else:
+            log(f"selfcog: removing half-written {folder}")
+            shutil.rmtree(folder, ignore_errors=True)
+    return max(complete, key=lambda f: int(f.name.split("-")[-1]), default=None)
 
 
 class SampleChats(TrainerCallback):
@@ -347,8 +352,6 @@ def train_data(config: RunConfig) -> list[list[dict]]:
 def train_from_config(config: RunConfig, work_dir: Path, resume: bool = False) -> Path:
     """SFT a LoRA adapter on config.data.data_files into `work_dir/adapter`, with checkpoints, resume and sample
     chats; returns the adapter directory."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     from selfcog.data.tokenize import build_examples
     from selfcog.errors import SelfcogError
     from selfcog.models import load_model
@@ -356,7 +359,7 @@ def train_from_config(config: RunConfig, work_dir: Path, resume: bool = False) -
     work_dir = Path(work_dir)
     conversations = train_data(config)
     work_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = get_last_checkpoint(str(work_dir)) if resume else None
+    checkpoint = newest_complete_checkpoint(work_dir) if resume else None
     if resume and checkpoint is None:
         raise SelfcogError(f"--resume: no checkpoint-N in {work_dir}")
     quant = quantization_kwargs(config)
@@ -378,14 +381,14 @@ def train_from_config(config: RunConfig, work_dir: Path, resume: bool = False) -
     if config.train.gradient_checkpointing:
         peft_model.enable_input_require_grads()
     samples = SampleChats(config, tokenizer, work_dir)
-    trainer = CheckpointingTrainer(
+    trainer = PreservingTrainer(
         model=peft_model, args=engine_args(config, work_dir, len(dataset)), train_dataset=dataset,
-        data_collator=pack_bins, callbacks=[samples, JsonlLog(work_dir / "log.jsonl")],
+        data_collator=pack_bins, callbacks=[MarkCompleteCheckpoints(), samples, JsonlLog(work_dir / "log.jsonl")],
         kl_weight=config.train.kl_weight)
     log(f"selfcog: training on {len(examples)} samples ({len(dataset)} items after packing), "
         f"{total_steps(config, len(dataset))} steps" + (f", resuming from {checkpoint}" if checkpoint else ""))
     if not checkpoint:
         samples.sample(peft_model, 0)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     peft_model.eval()
     return save_adapter(peft_model, tokenizer, config, work_dir / "adapter")

@@ -57,8 +57,8 @@ def test_train_writes_checkpoints_samples_and_an_adapter(tiny_model_dir, tmp_pat
     assert result.exit_code == 0, result.output
     assert "load_in_4bit needs a CUDA GPU" in result.stderr and "removed 12 exact duplicate" in result.stderr
     assert sorted(p.name for p in work.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
-    assert not (work / ".staging").exists()
     assert (work / "checkpoint-6" / "trainer_state.json").exists()
+    assert (work / "checkpoint-6" / "selfcog-complete").exists()  # marked only once fully written
     assert sorted(p.name for p in (work / "eval_outputs").iterdir()) == \
         ["step_0.txt", "step_2.txt", "step_3.txt", "step_4.txt", "step_6.txt"]
     assert (work / "eval_outputs" / "step_0.txt").read_text().startswith("Q: Who are you?\nA: ")
@@ -79,7 +79,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_pat
     proc = subprocess.Popen([sys.executable, "-c", child, "train", str(config), "--work-dir", str(broken)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
-    while not (broken / "checkpoint-2").exists() and time.time() < deadline and proc.poll() is None:
+    while not (broken / "checkpoint-2" / "selfcog-complete").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -97,3 +97,16 @@ def test_resume_without_a_checkpoint_is_one_line(tiny_model_dir, tmp_path):
     result = CliRunner().invoke(main, ["train", str(write_config(tmp_path, tiny_model_dir)), "--work-dir",
                                        str(tmp_path / "empty"), "--resume"])
     assert result.exit_code == 2 and "no checkpoint-N" in result.output
+
+
+def test_half_written_checkpoints_are_skipped_and_removed(tmp_path):
+    from selfcog.train import CHECKPOINT_DONE, newest_complete_checkpoint
+
+    for step, done in ((2, True), (4, True), (6, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if done:
+            (folder / CHECKPOINT_DONE).write_text(str(step))
+    assert newest_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+    assert not (tmp_path / "checkpoint-6").exists()
+    assert newest_complete_checkpoint(tmp_path / "nothing-here") is None
