@@ -11,7 +11,6 @@ import click
 from selfcog.errors import SelfcogError
 
 if TYPE_CHECKING:
-    from selfcog.config import RunConfig
     from selfcog.generate import SamplingArgs
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -49,7 +48,7 @@ def sampling_options(f):
     return f
 
 
-def sampling_from(kwargs) -> "SamplingArgs":
+def sampling_from(kwargs) -> SamplingArgs:
     from selfcog.generate import SamplingArgs
 
     args = SamplingArgs(**{k: kwargs.pop(k) for k in ("max_new_tokens", "max_length", "temperature", "top_p",
@@ -251,24 +250,6 @@ def config_copy(name, directory):
     click.echo(f"wrote {target}")
 
 
-def resolve_train_config(source: str) -> "RunConfig":
-    """A selfcog YAML file, an XTuner .py config (warnings to stderr) or a preset name."""
-    from selfcog.config import load_config, load_preset, preset_names
-    from selfcog.models import log
-
-    path = Path(source)
-    if path.suffix == ".py":
-        from selfcog.xtuner import load_xtuner_config
-
-        config, warnings = load_xtuner_config(path)
-        for warning in warnings:
-            log(f"selfcog: warning: {warning}")
-        return config
-    if not path.exists() and source in preset_names():
-        return load_preset(source)
-    return load_config(path)
-
-
 @main.command()
 @click.argument("config_source", metavar="CONFIG")
 @click.option("--dry-run", is_flag=True, help="Print the resolved selfcog config as YAML and exit.")
@@ -277,18 +258,23 @@ def resolve_train_config(source: str) -> "RunConfig":
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in the work dir.")
 @click.option("--set", "overrides", multiple=True, help="Override a setting: --set train.epochs=1.")
 def train(config_source, dry_run, work_dir, resume, overrides):
-    """Train a LoRA adapter from CONFIG: a selfcog YAML, an XTuner Python config, or a preset name."""
-    from selfcog.config import apply_overrides, dump_config
+    """Train a LoRA adapter from CONFIG: a selfcog YAML, an XTuner Python config, or a preset name.
+
+    Data-parallel on N GPUs or CPU processes: torchrun --nproc-per-node N -m selfcog train CONFIG
+    """
+    from selfcog.config import apply_overrides, dump_config, resolve_train_config
 
     config = apply_overrides(resolve_train_config(config_source), list(overrides))
     if dry_run:
         click.echo(dump_config(config), nl=False)
         return
+    from selfcog.distributed import is_main_process
     from selfcog.train import train_from_config
 
     work = Path(work_dir) if work_dir else Path("work_dirs") / Path(config_source).stem
     adapter = train_from_config(config, work, resume=resume)
-    click.echo(f"adapter: {adapter}")
+    if is_main_process():
+        click.echo(f"adapter: {adapter}")
 
 
 if __name__ == "__main__":

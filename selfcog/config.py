@@ -106,6 +106,9 @@ class TrainArgs:
     """Most checkpoints kept (the oldest are deleted); 0 keeps all."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% slower."""
+    deepspeed: str = ""
+    """A DeepSpeed JSON config (ZeRO-2/3, e.g. examples/deepspeed_zero2.json) passed to the Trainer
+    (`selfcog train` only; needs CUDA and `pip install deepspeed`); empty means off."""
 
 
 @dataclass
@@ -246,6 +249,23 @@ def load_preset(name: str) -> RunConfig:
         raise SelfcogError(f"unknown preset '{name}'; choose one of: {', '.join(preset_names())}")
     text = files(PRESETS_PACKAGE).joinpath(f"{name}.yaml").read_text(encoding="utf-8")
     return from_dict(yaml.safe_load(text), f"preset {name}")
+
+
+def resolve_train_config(source: str) -> RunConfig:
+    """`selfcog train`'s CONFIG: a selfcog YAML file, an XTuner .py config (warnings to stderr) or a preset name."""
+    from selfcog.models import log
+
+    path = Path(source)
+    if path.suffix == ".py":
+        from selfcog.xtuner import load_xtuner_config
+
+        config, warnings = load_xtuner_config(path)
+        for warning in warnings:
+            log(f"selfcog: warning: {warning}")
+        return config
+    if not path.exists() and source in preset_names():
+        return load_preset(source)
+    return load_config(path)
 
 
 def dump_config(config: RunConfig, header: str = "") -> str:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from selfcog.atomic import atomic_dir
+from selfcog.attention import check_used, packed_attention, packed_layout
 from selfcog.config import RunConfig, save_config
 from selfcog.data.tokenize import pack_batch
 from selfcog.evaluate import Scores, score, with_retention
@@ -79,31 +80,47 @@ class PreservingTrainer(Trainer):
         # Our loss is a per-token mean of the micro-batch; let the Trainer scale it for accumulation.
         self.model_accepts_loss_kwargs = False
 
+    def train(self, *args, **kwargs):
+        # Packed attention stays on for the whole run: gradient checkpointing re-runs layers in the backward pass.
+        # Without a `packed_layout` it is plain SDPA, so generation inside callbacks is unaffected.
+        with packed_attention(self.model):
+            return super().train(*args, **kwargs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         preserve = inputs.pop("preserve_mask")
+        lengths = inputs.pop("packed_lengths")
         # Position t predicts token t+1; only positions whose next token carries loss need logits at all,
         # so the LM head (a fifth of this model's compute) runs on those rows only.
         keep = (labels[0, 1:] != IGNORE_INDEX).nonzero().squeeze(1)
-        outputs = model(**inputs, use_cache=False, logits_to_keep=keep)
+        layout = packed_layout(lengths)
+        outputs = model(**inputs, use_cache=False, logits_to_keep=keep, packed_layout=layout)
+        check_used(layout, model)
         logits = outputs.logits[0]
         loss = F.cross_entropy(logits.float(), labels[0, keep + 1])
         kl_rows = preserve[0, keep]
         if self.kl_weight > 0 and kl_rows.any():
-            loss = loss + self.kl_weight * preservation_loss(logits[kl_rows], self.base_logits(model, inputs, keep[kl_rows]))
+            base = self.base_logits(model, inputs, lengths, preserve, keep[kl_rows])
+            loss = loss + self.kl_weight * preservation_loss(logits[kl_rows], base)
         return (loss, outputs) if return_outputs else loss
 
-    def base_logits(self, model, inputs, positions: torch.Tensor) -> torch.Tensor:
+    def base_logits(self, model, inputs, lengths, preserve, positions: torch.Tensor) -> torch.Tensor:
         """The base model's logits (adapter off, no grad) at `positions`.
 
-        pack_batch puts preservation samples last, so only that suffix of the row is run again: position ids
-        restart at every sample, so the suffix sees exactly the attention it had in the full row.
+        pack_batch puts preservation samples last, so only the shared prefix and that suffix of the row run
+        again: each sample sees exactly the attention it had in the full row.
         """
-        start = int(positions.min()) - int(inputs["position_ids"][0, positions.min()])
+        prefix, rests = int(lengths[0]), [int(n) for n in lengths[1:]]
+        start = int(preserve[0].long().argmax())  # where the first preservation sample's rest begins
+        ends = torch.tensor(rests).cumsum(0) + prefix
+        sub_lengths = [prefix] + [n for n, end in zip(rests, ends.tolist()) if end > start]
+        pick = torch.cat([torch.arange(prefix), torch.arange(start, inputs["input_ids"].shape[1])])
+        layout = packed_layout(sub_lengths)
         base = self.accelerator.unwrap_model(model)
         with torch.no_grad(), base.disable_adapter():
-            out = base(input_ids=inputs["input_ids"][:, start:], position_ids=inputs["position_ids"][:, start:],
-                       use_cache=False, logits_to_keep=positions - start)
+            out = base(input_ids=inputs["input_ids"][:, pick], position_ids=inputs["position_ids"][:, pick],
+                       use_cache=False, logits_to_keep=positions - start + prefix, packed_layout=layout)
+        check_used(layout, base)
         return out.logits[0]
 
 
@@ -198,7 +215,7 @@ def save_adapter(peft_model, tokenizer, config: RunConfig, target: Path) -> Path
 
 # ---------------------------------------------------------------------------------------------------------
 # `selfcog train CONFIG`: plain SFT on data files with XTuner's knobs (epochs, packing, checkpoints, resume,
-# sample chats). `fit` above stays the identity job's trainer.
+# sample chats), in one process or several under torchrun. `fit` above stays the identity job's trainer.
 # ---------------------------------------------------------------------------------------------------------
 
 def pack_to_max_length(examples: list[dict], max_length: int) -> list[list[dict]]:
@@ -221,18 +238,18 @@ def pack_bins(features: list) -> dict[str, torch.Tensor]:
     return pack_batch(flat)
 
 
-def quantization_kwargs(config: RunConfig) -> dict:
+def quantization_kwargs(config: RunConfig, say=log) -> dict:
     """`from_pretrained` kwargs for QLoRA; on a machine without CUDA: a one-line warning and plain fp32 LoRA."""
     if not config.lora.load_in_4bit:
         return {}
     if not torch.cuda.is_available():
-        log("selfcog: warning: lora.load_in_4bit needs a CUDA GPU (bitsandbytes); training LoRA in fp32 instead")
+        say("selfcog: warning: lora.load_in_4bit needs a CUDA GPU (bitsandbytes); training LoRA in fp32 instead")
         return {}
     try:
-        from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
     except ImportError:
-        log("selfcog: warning: lora.load_in_4bit needs `pip install bitsandbytes`; training LoRA without quantization")
+        say("selfcog: warning: lora.load_in_4bit needs `pip install bitsandbytes`; training LoRA without quantization")
         return {}
     return {"quantization_config": BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=config.lora.bnb_4bit_quant_type,
@@ -240,29 +257,58 @@ def quantization_kwargs(config: RunConfig) -> dict:
         bnb_4bit_compute_dtype=getattr(torch, config.lora.bnb_4bit_compute_dtype))}
 
 
-def total_steps(config: RunConfig, n_items: int) -> int:
-    """Optimizer steps the run will take (epochs when set, else max_steps)."""
+def total_steps(config: RunConfig, n_items: int, processes: int = 1) -> int:
+    """Optimizer steps the run will take (epochs when set, else max_steps); under torchrun each process takes
+    every `processes`-th batch, so an epoch has that many times fewer steps."""
     t = config.train
     if t.epochs <= 0:
         return t.max_steps
-    per_epoch = max(1, math.ceil(math.ceil(n_items / t.batch_size) / t.grad_accum))
+    batches = math.ceil(math.ceil(n_items / t.batch_size) / processes)
+    per_epoch = max(1, math.ceil(batches / t.grad_accum))
     return max(1, math.ceil(per_epoch * t.epochs))
 
 
-def engine_args(config: RunConfig, work_dir: Path, n_items: int) -> TrainingArguments:
+def engine_args(config: RunConfig, work_dir: Path, n_items: int, processes: int = 1) -> TrainingArguments:
+    from selfcog.distributed import ddp_backend
+
     t = config.train
+    # `activation_checkpointing` is the newer transformers name of `gradient_checkpointing`.
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+        else "gradient_checkpointing"
     return TrainingArguments(
         output_dir=str(work_dir), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate, lr_scheduler_type="cosine",
-        warmup_steps=math.ceil(t.warmup_ratio * total_steps(config, n_items)),
+        warmup_steps=math.ceil(t.warmup_ratio * total_steps(config, n_items, processes)),
         max_steps=t.max_steps if t.epochs <= 0 else -1, num_train_epochs=t.epochs if t.epochs > 0 else 1,
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps, save_strategy="steps" if t.save_steps > 0 else "no",
         save_steps=t.save_steps if t.save_steps > 0 else 500, save_total_limit=t.save_total_limit or None,
-        **({"gradient_checkpointing": True} if t.gradient_checkpointing else {}), report_to=[], bf16=use_bf16(t.bf16),
+        **({checkpointing: True} if t.gradient_checkpointing else {}), report_to=[], bf16=use_bf16(t.bf16),
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, seed=t.seed, data_seed=t.seed,
         remove_unused_columns=False, disable_tqdm=True,
+        # torchrun: gloo between CPU processes (NCCL on GPUs by default). Every LoRA weight takes part in every
+        # forward, so DDP's search for unused ones would only cost time (and clash with activation checkpointing).
+        ddp_backend=ddp_backend(), ddp_find_unused_parameters=False, deepspeed=t.deepspeed or None,
     )
+
+
+class EngineTrainer(PreservingTrainer):
+    """`selfcog train`'s Trainer. Each process's loss is the per-token mean of its micro-batch and DDP (or
+    DeepSpeed) averages gradients over processes, so a process holding few loss tokens would weigh as much as one
+    holding many. Under torchrun each process's loss is weighted by its share of the micro-step's loss tokens
+    (summed over processes), which makes N processes x batch_size b train like 1 process x batch_size N*b.
+    With one process nothing changes."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        processes = self.accelerator.num_processes
+        if processes == 1:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # The targets `compute_loss` takes: every position whose next token carries loss.
+        tokens = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum().float()
+        everyone = self.accelerator.reduce(tokens, reduction="sum")
+        weight = tokens * processes / everyone
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return (result[0] * weight, result[1]) if return_outputs else result * weight
 
 
 CHECKPOINT_DONE = "selfcog-complete"
@@ -272,25 +318,31 @@ class MarkCompleteCheckpoints(TrainerCallback):
     """Marks each `checkpoint-N` once the Trainer has finished writing it (`on_save` runs after the save).
 
     The Trainer writes checkpoints in place; a kill mid-save leaves a folder without the marker, which
-    `newest_complete_checkpoint` skips. Public callback API only — no private Trainer methods.
+    `newest_complete_checkpoint` skips. Under torchrun every process writes its own part (RNG state, DeepSpeed
+    shards), so the main process marks the folder only once all of them got here. Public callback API only —
+    no private Trainer methods.
     """
 
     def on_save(self, args, state, control, **kwargs):
+        from selfcog.distributed import wait_for_everyone
+
+        wait_for_everyone()
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
+        if state.is_world_process_zero and folder.is_dir():
             (folder / CHECKPOINT_DONE).write_text(str(state.global_step))
         return control
 
 
-def newest_complete_checkpoint(work_dir: Path) -> Path | None:
-    """The highest-numbered checkpoint that was fully written; half-written ones are removed."""
+def newest_complete_checkpoint(work_dir: Path, prune: bool = True) -> Path | None:
+    """The highest-numbered checkpoint that was fully written; half-written ones are removed when `prune`
+    (by the main process only under torchrun)."""
     complete = []
     for folder in Path(work_dir).glob("checkpoint-*"):
         if not folder.name.split("-")[-1].isdigit():
             continue
         if (folder / CHECKPOINT_DONE).exists():
             complete.append(folder)
-        else:
+        elif prune:
             log(f"selfcog: removing half-written {folder}")
             shutil.rmtree(folder, ignore_errors=True)
     return max(complete, key=lambda f: int(f.name.split("-")[-1]), default=None)
@@ -298,10 +350,15 @@ def newest_complete_checkpoint(work_dir: Path) -> Path | None:
 
 class SampleChats(TrainerCallback):
     """XTuner's EvaluateChatHook: greedy answers to eval.sample_inputs every sample_steps and at each checkpoint,
-    logged and written to `WORK_DIR/eval_outputs/step_N.txt`."""
+    logged and written to `WORK_DIR/eval_outputs/step_N.txt`.
 
-    def __init__(self, config: RunConfig, tokenizer, work_dir: Path):
-        self.config, self.tokenizer, self.out = config, tokenizer, Path(work_dir) / "eval_outputs"
+    Under torchrun every process generates (ZeRO-3 needs all of them for a forward pass) and only the one with
+    `write` set logs and writes.
+    """
+
+    def __init__(self, config: RunConfig, tokenizer, work_dir: Path, write: bool = True):
+        self.config, self.tokenizer, self.out, self.write = config, tokenizer, Path(work_dir) / "eval_outputs", write
+        self.done: set[int] = set()
 
     def sample(self, model, step: int) -> list[str]:
         from selfcog.atomic import write_text
@@ -310,6 +367,7 @@ class SampleChats(TrainerCallback):
         inputs = self.config.eval.sample_inputs
         if not inputs:
             return []
+        self.done.add(step)
         system = [{"role": "system", "content": self.config.eval.system}] if self.config.eval.system else []
         was_training = model.training
         model.eval()
@@ -317,9 +375,10 @@ class SampleChats(TrainerCallback):
                                  self.config.eval.sample_max_new_tokens)
         if was_training:
             model.train()
-        text = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in zip(inputs, answers))
-        write_text(self.out / f"step_{step}.txt", text)
-        log(f"selfcog: sample chats at step {step}:\n{text.rstrip()}")
+        if self.write:
+            text = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in zip(inputs, answers))
+            write_text(self.out / f"step_{step}.txt", text)
+            log(f"selfcog: sample chats at step {step}:\n{text.rstrip()}")
         return answers
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -329,12 +388,12 @@ class SampleChats(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if not (self.out / f"step_{state.global_step}.txt").exists():
+        if state.global_step not in self.done:
             self.sample(model, state.global_step)
         return control
 
 
-def train_data(config: RunConfig) -> list[list[dict]]:
+def train_data(config: RunConfig, say=log) -> list[list[dict]]:
     from selfcog.data.formats import deduplicate, load_conversations
     from selfcog.errors import SelfcogError
 
@@ -345,33 +404,45 @@ def train_data(config: RunConfig) -> list[list[dict]]:
     if config.data.deduplicate:
         conversations, removed = deduplicate(conversations)
         if removed:
-            log(f"selfcog: removed {removed} exact duplicate records (set data.deduplicate false to keep them)")
+            say(f"selfcog: removed {removed} exact duplicate records (set data.deduplicate false to keep them)")
     return conversations
 
 
 def train_from_config(config: RunConfig, work_dir: Path, resume: bool = False) -> Path:
     """SFT a LoRA adapter on config.data.data_files into `work_dir/adapter`, with checkpoints, resume and sample
-    chats; returns the adapter directory."""
+    chats; returns the adapter directory.
+
+    Under `torchrun --nproc-per-node N -m selfcog train` this runs in each of the N processes: they train
+    data-parallel, and only the main process writes the work dir (config, log, sample chats, adapter).
+    """
     from selfcog.data.tokenize import build_examples
+    from selfcog.distributed import check_deepspeed, join_processes, wait_for_everyone
     from selfcog.errors import SelfcogError
     from selfcog.models import load_model
 
     work_dir = Path(work_dir)
-    conversations = train_data(config)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = newest_complete_checkpoint(work_dir) if resume else None
+    check_deepspeed(config.train.deepspeed)
+    state = join_processes()
+    main = state.is_main_process
+    say = log if main else (lambda message: None)
+    conversations = train_data(config, say)
+    if main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = newest_complete_checkpoint(work_dir, prune=main) if resume else None
     if resume and checkpoint is None:
         raise SelfcogError(f"--resume: no checkpoint-N in {work_dir}")
-    quant = quantization_kwargs(config)
-    model, tokenizer = load_model(config.model.spec, dtype=torch.float32,
-                                  trust_remote_code=config.model.trust_remote_code, **quant)
+    quant = quantization_kwargs(config, say)
+    with state.main_process_first():  # the first run on a machine fetches and converts the model once
+        model, tokenizer = load_model(config.model.spec, dtype=torch.float32,
+                                      trust_remote_code=config.model.trust_remote_code, **quant)
     examples, dropped = build_examples(tokenizer, conversations, False, config.data.max_length)
     if dropped:
-        log(f"selfcog: dropped {dropped} samples longer than {config.data.max_length} tokens")
+        say(f"selfcog: dropped {dropped} samples longer than {config.data.max_length} tokens")
     if not examples:
         raise SelfcogError(f"no sample fits data.max_length {config.data.max_length}")
     dataset = pack_to_max_length(examples, config.data.max_length) if config.data.pack_to_max_length else examples
-    save_config(config, work_dir)
+    if main:
+        save_config(config, work_dir)
     torch.manual_seed(config.train.seed)
     if quant:
         from peft import prepare_model_for_kbit_training
@@ -380,15 +451,30 @@ def train_from_config(config: RunConfig, work_dir: Path, resume: bool = False) -
     peft_model = add_lora(model, config)
     if config.train.gradient_checkpointing:
         peft_model.enable_input_require_grads()
-    samples = SampleChats(config, tokenizer, work_dir)
-    trainer = PreservingTrainer(
-        model=peft_model, args=engine_args(config, work_dir, len(dataset)), train_dataset=dataset,
-        data_collator=pack_bins, callbacks=[MarkCompleteCheckpoints(), samples, JsonlLog(work_dir / "log.jsonl")],
-        kl_weight=config.train.kl_weight)
-    log(f"selfcog: training on {len(examples)} samples ({len(dataset)} items after packing), "
-        f"{total_steps(config, len(dataset))} steps" + (f", resuming from {checkpoint}" if checkpoint else ""))
+    samples = SampleChats(config, tokenizer, work_dir, write=main)
+    callbacks = [MarkCompleteCheckpoints(), samples] + ([JsonlLog(work_dir / "log.jsonl")] if main else [])
+    processes = state.num_processes
+    trainer = EngineTrainer(
+        model=peft_model, args=engine_args(config, work_dir, len(dataset), processes), train_dataset=dataset,
+        data_collator=pack_bins, callbacks=callbacks, kl_weight=config.train.kl_weight)
+    say(f"selfcog: training on {len(examples)} samples ({len(dataset)} items after packing), "
+        f"{total_steps(config, len(dataset), processes)} steps"
+        + (f" in each of {processes} processes" if processes > 1 else "")
+        + (f", resuming from {checkpoint}" if checkpoint else ""))
     if not checkpoint:
         samples.sample(peft_model, 0)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     peft_model.eval()
-    return save_adapter(peft_model, tokenizer, config, work_dir / "adapter")
+    adapter = work_dir / "adapter"
+    if trainer.is_deepspeed_enabled:
+        # ZeRO-3 holds each weight in shards: every process takes part in gathering them, the main one writes.
+        weights = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        if main:
+            with atomic_dir(adapter) as tmp:
+                peft_model.save_pretrained(tmp, state_dict=weights)
+                tokenizer.save_pretrained(tmp)
+                save_config(config, tmp)
+    elif main:
+        save_adapter(peft_model, tokenizer, config, adapter)
+    wait_for_everyone()  # every process returns once the adapter is in place
+    return adapter

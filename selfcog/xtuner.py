@@ -28,7 +28,7 @@ SYSTEM_TEMPLATES = {
 }
 # Top-level names whose setting selfcog knowingly does not use, with why.
 IGNORED = {
-    "sequence_parallel_size": "selfcog trains on one device",
+    "sequence_parallel_size": "selfcog has no sequence parallelism; torchrun trains data-parallel",
     "dataloader_num_workers": "selfcog tokenizes up front and loads in the main process",
     "use_varlen_attn": "selfcog always packs with per-sample position ids (varlen-style attention)",
     "optim_type": "selfcog always uses AdamW",
@@ -36,7 +36,8 @@ IGNORED = {
     "visualizer": "selfcog logs to log.jsonl",
     "log_processor": "selfcog logs per optimizer step",
     "log_level": "selfcog logs progress to stderr",
-    "env_cfg": "no distributed/cudnn settings in selfcog",
+    "env_cfg": "selfcog picks the distributed backend itself (NCCL on GPUs, gloo on CPUs, under torchrun)",
+    "deepspeed": "set train.deepspeed to a DeepSpeed JSON file (xtuner takes --deepspeed on its command line)",
     "load_from": "use `selfcog train --resume` to continue from a checkpoint",
     "resume": "use `selfcog train --resume`",
     "model_max_length": "max_length sets the sample length",

@@ -1,9 +1,11 @@
 """`selfcog train CONFIG` on a tiny model: packing, Trainer checkpoints kept to save_total_limit, sample chats,
-the 4-bit fallback on a CPU, and kill -9 + --resume ending where an uninterrupted run ends."""
+the 4-bit fallback on a CPU, kill -9 + --resume ending where an uninterrupted run ends, and gradient checkpointing
+training the same adapter. Multi-process runs: tests/test_distributed.py."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -110,3 +112,19 @@ def test_half_written_checkpoints_are_skipped_and_removed(tmp_path):
     assert newest_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
     assert not (tmp_path / "checkpoint-6").exists()
     assert newest_complete_checkpoint(tmp_path / "nothing-here") is None
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tiny_model_dir, tmp_path):
+    """Recomputing activations in the backward pass changes memory, not maths (dropout is 0)."""
+    config = write_config(tmp_path, tiny_model_dir, max_steps=3, save_steps=0)
+    plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
+    assert CliRunner().invoke(main, ["train", str(config), "--work-dir", str(plain)]).exit_code == 0
+    result = CliRunner().invoke(main, ["train", str(config), "--work-dir", str(checkpointed),
+                                       "--set", "train.gradient_checkpointing=true"])
+    assert result.exit_code == 0, result.output
+    losses = [e["loss"] for e in map(json.loads, (checkpointed / "log.jsonl").read_text().splitlines()) if "loss" in e]
+    assert len(losses) == 3 and all(math.isfinite(loss) and loss > 0 for loss in losses)
+    a, b = adapter_weights(plain), adapter_weights(checkpointed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from selfcog.config import RunConfig
-from selfcog.data.tokenize import build_examples, pack_batch
+from selfcog.attention import packed_attention, packed_layout
+from selfcog.data.tokenize import build_examples, pack_batch, shared_prefix_length
 from selfcog.models import load_model
 from selfcog.templates import IGNORE_INDEX, encode_example, encode_prompt, render
 from selfcog.train import PreservingTrainer, add_lora, fit, preservation_loss, training_args
@@ -45,21 +47,79 @@ def test_template_round_trip_is_the_tokenizers_own(tiny_model_dir):
         assert ids[:len(prompt)] == prompt
 
 
-def test_packed_logits_equal_separate_logits(tiny_model_dir):
+SHARED_SYSTEM = [[{"role": "system", "content": "You are a helpful assistant."}] + c[-2:] for c in CONVERSATIONS]
+
+
+def packed_logits(model, batch, **kwargs):
+    layout = packed_layout(batch["packed_lengths"])
+    with packed_attention(model):
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                    packed_layout=layout, **kwargs)
+    assert layout.used
+    return out.logits[0]
+
+
+def sample_rows(batch, examples):
+    """Row positions of each sample's tokens: the shared prefix, then the sample's own rest."""
+    prefix, rests = int(batch["packed_lengths"][0]), batch["packed_lengths"][1:].tolist()
+    start = prefix
+    for example, n in zip(examples, rests):
+        assert len(example["input_ids"]) == prefix + n
+        yield torch.cat([torch.arange(prefix), torch.arange(start, start + n)])
+        start += n
+    assert start == batch["input_ids"].shape[1]  # every sample whole, none split
+
+
+@pytest.mark.parametrize("conversations", [CONVERSATIONS, SHARED_SYSTEM], ids=["mixed", "shared-system"])
+def test_packed_logits_equal_separate_logits(tiny_model_dir, conversations):
     """Samples packed into one row never attend to each other: logits match running each alone."""
     model, tokenizer = load_model(str(tiny_model_dir))
-    examples, _ = build_examples(tokenizer, CONVERSATIONS, preserve=False, max_length=512)
+    examples, _ = build_examples(tokenizer, conversations, preserve=False, max_length=512)
     batch = pack_batch(examples)
     assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+    if conversations is SHARED_SYSTEM:  # the system turn is stored once
+        assert batch["packed_lengths"][0] > 5
+        assert batch["input_ids"].shape[1] < sum(len(e["input_ids"]) for e in examples)
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
-        start = 0
-        for example in examples:
-            n = len(example["input_ids"])
+        packed = packed_logits(model, batch)
+        for example, rows in zip(examples, sample_rows(batch, examples)):
             alone = model(input_ids=torch.tensor([example["input_ids"]]), use_cache=False).logits[0]
-            torch.testing.assert_close(packed[start:start + n], alone, atol=1e-5, rtol=1e-4)
-            start += n
-    assert start == batch["input_ids"].shape[1]  # every sample whole, none split
+            torch.testing.assert_close(packed[rows], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_gradients_equal_separate_gradients(tiny_model_dir):
+    """The packed row's loss gradient equals the gradient of the same token-mean loss over separate samples."""
+    model, tokenizer = load_model(str(tiny_model_dir))
+    peft_model = add_lora(model, RunConfig())
+    for name, param in peft_model.named_parameters():  # B = 0 at init would make every LoRA-A gradient zero
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    examples, _ = build_examples(tokenizer, SHARED_SYSTEM, preserve=False, max_length=512)
+    batch = pack_batch(examples)
+    labels = batch["labels"][0]
+    keep = (labels[1:] != IGNORE_INDEX).nonzero().squeeze(1)
+    loss = torch.nn.functional.cross_entropy(packed_logits(peft_model, batch)[keep], labels[keep + 1])
+    packed = torch.autograd.grad(loss, [p for p in peft_model.parameters() if p.requires_grad])
+    total, count = 0, 0
+    for example in examples:
+        ids, lab = torch.tensor([example["input_ids"]]), torch.tensor(example["labels"])
+        logits = peft_model(input_ids=ids, use_cache=False).logits[0, :-1]
+        mask = lab[1:] != IGNORE_INDEX
+        total = total + torch.nn.functional.cross_entropy(logits[mask], lab[1:][mask], reduction="sum")
+        count += int(mask.sum())
+    separate = torch.autograd.grad(total / count, [p for p in peft_model.parameters() if p.requires_grad])
+    for a, b in zip(packed, separate):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_shared_prefix_stops_before_the_first_loss_token(tiny_model_dir):
+    _, tokenizer = load_model(str(tiny_model_dir))
+    convs = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": a}] for a in ("Hello", "Hey there")]
+    examples, _ = build_examples(tokenizer, convs, preserve=False, max_length=512)
+    prefix = shared_prefix_length(examples)
+    first_loss = min(e["labels"].index(next(l for l in e["labels"] if l != IGNORE_INDEX)) for e in examples)
+    assert prefix == first_loss - 1  # the whole prompt is shared, up to the token predicting the answer
+    assert pack_batch(examples, share_prefix=False)["packed_lengths"][0] == 0
 
 
 def test_pack_batch_puts_preservation_last_and_masks_sample_starts(tiny_model_dir):
@@ -67,9 +127,9 @@ def test_pack_batch_puts_preservation_last_and_masks_sample_starts(tiny_model_di
     identity, _ = build_examples(tokenizer, CONVERSATIONS[:2], preserve=False, max_length=512)
     keep, _ = build_examples(tokenizer, CONVERSATIONS[2:], preserve=True, max_length=512)
     batch = pack_batch([keep[0]] + identity)
-    n_keep = len(keep[0]["input_ids"])
+    n_keep = int(batch["packed_lengths"][-1])  # the preservation sample's rest after the shared prefix
     assert batch["preserve_mask"][0, -n_keep:].all() and not batch["preserve_mask"][0, :-n_keep].any()
-    starts = (batch["position_ids"][0] == 0).nonzero().squeeze(1)
+    starts = int(batch["packed_lengths"][0]) + torch.tensor([0, *batch["packed_lengths"][1:-1].tolist()]).cumsum(0)
     assert (batch["labels"][0, starts] == IGNORE_INDEX).all()
 
 
@@ -91,8 +151,9 @@ def test_kl_is_zero_before_training_and_base_suffix_matches_full_row(tiny_model_
                                 train_dataset=identity + keep, data_collator=pack_batch)
     positions = batch["preserve_mask"][0].nonzero().squeeze(1)[:-1]
     with torch.no_grad():
-        full = peft_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
-        suffix = trainer.base_logits(peft_model, batch, positions)
+        full = packed_logits(peft_model, batch)
+        with packed_attention(peft_model):
+            suffix = trainer.base_logits(peft_model, batch, batch["packed_lengths"], batch["preserve_mask"], positions)
     torch.testing.assert_close(suffix, full[positions], atol=1e-5, rtol=1e-4)
     assert preservation_loss(full[positions], suffix).abs() < 1e-6
 

@@ -440,3 +440,19 @@ def test_set_value_handles_lists_and_floats():
     set_value(config, "train.epochs", 3)
     assert config.train.epochs == 3.0 and isinstance(config.train.epochs, float)
     assert RunConfig().eval.sample_inputs == []  # no shared mutable default
+
+
+def test_train_config_resolves_yaml_xtuner_and_preset_names(tmp_path):
+    from selfcog.config import dump_config, load_preset, resolve_train_config, save_config
+
+    preset = load_preset("smollm2-135m-lora")
+    assert dump_config(resolve_train_config("smollm2-135m-lora")) == dump_config(preset)
+    save_config(preset, tmp_path)
+    assert dump_config(resolve_train_config(str(tmp_path / "selfcog.yaml"))) == dump_config(preset)
+    assert resolve_train_config(str(write(tmp_path, SEED_CONFIG))).lora.r == 64
+
+
+def test_a_deepspeed_name_in_an_xtuner_config_is_ignored_by_name(tmp_path):
+    config, warnings = load_xtuner_config(write(tmp_path, SEED_CONFIG + "\ndeepspeed = 'deepspeed_zero2'\n"))
+    assert config.train.deepspeed == ""
+    assert [w for w in warnings if "ignoring deepspeed = 'deepspeed_zero2'" in w and "train.deepspeed" in w]

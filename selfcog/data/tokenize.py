@@ -1,9 +1,10 @@
 """Tokenized training examples and the padding-free packing collator.
 
-A batch becomes ONE row: samples laid end to end, `position_ids` restarting at 0 for each sample and no
-attention mask. transformers then builds a block-diagonal causal mask from the position ids, so samples
-never attend to each other (tests/test_train.py proves packed logits == separate logits), and no compute
-is spent on padding. Samples are never split: each one is whole inside its batch.
+A batch becomes ONE row: the token run every sample starts with (the chat template's system turn, say) once,
+then the rest of each sample, with `position_ids` continuing after the prefix. `selfcog.attention` lets each
+sample attend to the prefix and to itself only, so samples never see each other (tests/test_train.py proves
+packed logits == separate logits), no compute is spent on padding, and the shared prefix is computed once.
+Samples are never split: each one is whole inside its batch.
 """
 
 from __future__ import annotations
@@ -25,20 +26,45 @@ def build_examples(tokenizer, conversations: list[list[dict]], preserve: bool, m
     return examples, dropped
 
 
-def pack_batch(features: list[dict]) -> dict[str, torch.Tensor]:
-    """Collate samples into one packed row: input_ids, labels, position_ids and a per-token preserve mask."""
-    input_ids, labels, positions, preserve = [], [], [], []
+def pack_batch(features: list[dict], share_prefix: bool = True) -> dict[str, torch.Tensor]:
+    """Collate samples into one packed row: input_ids, labels, position_ids, a per-token preserve mask, and
+    `packed_lengths` = [shared prefix length, rest length of each sample] for `selfcog.attention`."""
     # Preservation samples go last: the KL term re-runs only that suffix through the base model.
-    for feature in sorted(features, key=lambda f: f.get("preserve", 0)):
+    features = sorted(features, key=lambda f: f.get("preserve", 0))
+    prefix = shared_prefix_length(features) if share_prefix else 0
+    first = features[0]["input_ids"][:prefix]
+    input_ids, labels, positions, preserve = list(first), [IGNORE_INDEX] * prefix, list(range(prefix)), [0] * prefix
+    lengths = [prefix]
+    for feature in features:
         n = len(feature["input_ids"])
-        input_ids += feature["input_ids"]
-        # The first token of a sample must never be a target of the previous sample's last token.
-        labels += [IGNORE_INDEX] + feature["labels"][1:]
-        positions += list(range(n))
-        preserve += [feature.get("preserve", 0)] * n
+        input_ids += feature["input_ids"][prefix:]
+        # The first token of a sample's rest must never be a target of the previous sample's last token.
+        labels += [IGNORE_INDEX] + feature["labels"][prefix + 1:]
+        positions += list(range(prefix, n))
+        preserve += [feature.get("preserve", 0)] * (n - prefix)
+        lengths.append(n - prefix)
     return {
         "input_ids": torch.tensor([input_ids]),
         "labels": torch.tensor([labels]),
         "position_ids": torch.tensor([positions]),
         "preserve_mask": torch.tensor([preserve], dtype=torch.bool),
+        "packed_lengths": torch.tensor(lengths),
     }
+
+
+def shared_prefix_length(features: list[dict]) -> int:
+    """Length of the token run all samples start with, ending before the first token that carries loss.
+
+    The prefix's last position predicts each sample's first own token, so that token must carry no loss.
+    """
+    if len(features) < 2:
+        return 0
+    first = features[0]["input_ids"]
+    n = min(len(f["input_ids"]) for f in features) - 1
+    for f in features[1:]:
+        ids = f["input_ids"]
+        n = next((i for i in range(n) if ids[i] != first[i]), n)
+    for f in features:
+        loss_at = next((i for i, label in enumerate(f["labels"]) if label != IGNORE_INDEX), len(f["labels"]))
+        n = min(n, loss_at - 1)
+    return max(n, 0)
