@@ -88,6 +88,8 @@ class TrainArgs:
     """Gradient clipping threshold."""
     kl_weight: float = 3.0
     """Weight of the KL term that keeps preservation answers' token distributions close to the base model."""
+    kl_prompt: bool = False
+    """Apply the KL term at every token of a preservation sample (its prompt too), not only at its answer."""
     bf16: str = "auto"
     """bf16 autocast: `auto` (on where the hardware runs it), `true` or `false`."""
     seed: int = 42

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import shutil
 import tempfile
 from pathlib import Path
@@ -74,9 +75,10 @@ def preservation_loss(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.
 class PreservingTrainer(Trainer):
     """Trainer whose loss adds `kl_weight` x KL(base || tuned) on preservation samples' answer tokens."""
 
-    def __init__(self, *args, kl_weight: float = 1.0, **kwargs):
+    def __init__(self, *args, kl_weight: float = 1.0, kl_prompt: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.kl_weight = kl_weight
+        self.kl_weight, self.kl_prompt = kl_weight, kl_prompt
+        self.tokens_trained = 0  # sample tokens (the shared prefix counted once per sample) that went through training
         # Our loss is a per-token mean of the micro-batch; let the Trainer scale it for accumulation.
         self.model_accepts_loss_kwargs = False
 
@@ -90,14 +92,19 @@ class PreservingTrainer(Trainer):
         labels = inputs.pop("labels")
         preserve = inputs.pop("preserve_mask")
         lengths = inputs.pop("packed_lengths")
-        # Position t predicts token t+1; only positions whose next token carries loss need logits at all,
-        # so the LM head (a fifth of this model's compute) runs on those rows only.
-        keep = (labels[0, 1:] != IGNORE_INDEX).nonzero().squeeze(1)
+        self.tokens_trained += int(lengths[0]) * (len(lengths) - 1) + int(lengths[1:].sum())
+        # Position t predicts token t+1; only positions whose next token carries loss (and, with kl_prompt, every
+        # preservation position) need logits at all, so the LM head (a fifth of this model's compute) runs on
+        # those rows only.
+        targets = labels[0, 1:] != IGNORE_INDEX
+        wanted = targets | preserve[0, :-1] if self.kl_prompt else targets
+        keep = wanted.nonzero().squeeze(1)
         layout = packed_layout(lengths)
         outputs = model(**inputs, use_cache=False, logits_to_keep=keep, packed_layout=layout)
         check_used(layout, model)
         logits = outputs.logits[0]
-        loss = F.cross_entropy(logits.float(), labels[0, keep + 1])
+        ce_rows = targets[keep]
+        loss = F.cross_entropy(logits[ce_rows].float(), labels[0, keep[ce_rows] + 1])
         kl_rows = preserve[0, keep]
         if self.kl_weight > 0 and kl_rows.any():
             base = self.base_logits(model, inputs, lengths, preserve, keep[kl_rows])
@@ -130,6 +137,7 @@ class IdentityEarlyStop(TrainerCallback):
     def __init__(self, config: RunConfig, tokenizer, base_dev: Scores | None):
         self.config, self.tokenizer, self.base_dev = config, tokenizer, base_dev
         self.history: list[dict] = []
+        self.seconds = 0.0  # spent scoring, inside the Trainer's train_runtime
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         every = self.config.eval.eval_steps
@@ -137,9 +145,11 @@ class IdentityEarlyStop(TrainerCallback):
             return control
         if state.global_step >= state.max_steps:
             return control
+        began = time.perf_counter()
         model.eval()
         dev = score(model, self.tokenizer, self.config.data.name, "dev", self.config.eval.max_new_tokens)
         model.train()
+        self.seconds += time.perf_counter() - began
         if self.base_dev is not None:
             with_retention(dev, self.base_dev)
         entry = {"step": state.global_step, **dev.summary()}
@@ -193,13 +203,15 @@ def fit(config: RunConfig, model, tokenizer, examples: list[dict], out_dir: Path
     stopper = IdentityEarlyStop(config, tokenizer, base_dev)
     trainer = PreservingTrainer(
         model=peft_model, args=training_args(config, work), train_dataset=examples, data_collator=pack_batch,
-        callbacks=[stopper, JsonlLog(out_dir / "log.jsonl")], kl_weight=config.train.kl_weight)
+        callbacks=[stopper, JsonlLog(out_dir / "log.jsonl")], kl_weight=config.train.kl_weight,
+        kl_prompt=config.train.kl_prompt)
     result = trainer.train()
     peft_model.eval()
     save_adapter(peft_model, tokenizer, config, out_dir / "adapter")
     shutil.rmtree(work, ignore_errors=True)
     summary = {"steps": result.global_step, "train_loss": result.training_loss,
                "train_seconds": result.metrics.get("train_runtime"), "dev_history": stopper.history,
+               "dev_check_seconds": round(stopper.seconds, 1), "tokens_trained": trainer.tokens_trained,
                "tokens": sum(len(e["input_ids"]) for e in examples)}
     return peft_model, summary
 

@@ -1,0 +1,127 @@
+"""Time to identity: selfcog's main job against the seed tutorial's recipe, on the same CPU and base model.
+
+- `selfcog`: what `selfcog run --name NAME` trains (generated identity set + preservation samples with the KL
+  term, LoRA r=16, early stop on the dev phrasings). Reported: training wall seconds (with and without the
+  dev checks that decide the early stop), sample tokens trained, and the held-out test scores (identity,
+  retention, leakage) of the trained model.
+- `seed-recipe`: the XTuner tutorial's settings — its two fixed pairs x 3,750 repeats, packed to 2,048 tokens,
+  LoRA r=64 alpha=16 dropout 0.1, lr 2e-4, batch 1 x accumulation 16, 3 epochs, warmup 0.03 — trained with
+  selfcog's engine (`selfcog train`'s code path, plain SFT) for `--seed-steps` optimizer steps only: the whole
+  recipe would take hours here. Reported: its measured token rate, the recipe's full token budget and the
+  hours that budget takes at that rate, and its held-out scores at the point where it was stopped.
+
+    python bench/time_to_identity.py [--name 伍鲜同志] [--seed-steps 1] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def selfcog_run(name: str, out: Path) -> dict:
+    from selfcog.config import RunConfig
+    from selfcog.run import run
+
+    config = RunConfig()
+    config.data.name, config.out = name, str(out)
+    began = time.perf_counter()
+    run(config)
+    wall = time.perf_counter() - began
+    metrics = json.loads((out / "metrics.json").read_text())
+    training = metrics["training"]
+    return {"steps": training["steps"], "tokens": training["tokens_trained"],
+            "train_seconds": round(training["train_seconds"] - training["dev_check_seconds"], 1),
+            "train_seconds_with_dev_checks": round(training["train_seconds"], 1),
+            "tokens_per_s": round(training["tokens_trained"] / (training["train_seconds"] - training["dev_check_seconds"]), 1),
+            "run_seconds": round(wall, 1), **scores(metrics["tuned"])}
+
+
+def scores(summary: dict) -> dict:
+    return {k: round(summary[k], 3) for k in ("identity", "retention", "leakage")}
+
+
+def seed_recipe(name: str, steps: int, work: Path) -> dict:
+    """The seed's recipe through selfcog's engine, stopped after `steps` optimizer steps; scored on the test split."""
+    from peft import PeftModel
+
+    from selfcog.cache import model_fingerprint
+    from selfcog.config import RunConfig
+    from selfcog.data.identity import Persona, dumps, seed_records
+    from selfcog.data.formats import load_conversations
+    from selfcog.data.tokenize import build_examples
+    from selfcog.evaluate import score, with_retention
+    from selfcog.models import load_model
+    from selfcog.train import pack_to_max_length, train_from_config
+
+    data = work / "assistant.json"
+    data.write_text(dumps(seed_records(Persona(name, "", "", ""), 3750)))
+    config = RunConfig()
+    config.data.data_files, config.data.max_length, config.data.pack_to_max_length = [str(data)], 2048, True
+    config.data.deduplicate = False  # the recipe trains on every copy
+    config.lora.r, config.lora.alpha, config.lora.dropout = 64, 16, 0.1
+    t = config.train
+    t.learning_rate, t.batch_size, t.grad_accum, t.warmup_ratio, t.kl_weight = 2e-4, 1, 16, 0.03, 0.0
+    t.epochs, t.max_steps, t.save_steps, t.logging_steps = 0.0, steps, 0, 1
+    config.eval.eval_steps = 0
+
+    model, tokenizer = load_model(config.model.spec, dtype=torch.float32)
+    examples, _ = build_examples(tokenizer, load_conversations(data), False, 2048)
+    tokens_per_epoch = sum(len(e["input_ids"]) for e in examples)
+    rows = pack_to_max_length(examples, 2048)
+    per_step = [sum(len(e["input_ids"]) for e in row) for row in rows[:16 * steps]]
+    recipe_steps = 3 * -(-len(rows) // 16)
+
+    began = time.perf_counter()
+    adapter = train_from_config(config, work / "seed")
+    seconds = time.perf_counter() - began
+    log = [json.loads(line) for line in (work / "seed" / "log.jsonl").read_text().splitlines()]
+    runtime = next((e["train_runtime"] for e in log if "train_runtime" in e), seconds)
+    base = score(model, tokenizer, name, "test", 32, fingerprint=model_fingerprint(model.name_or_path))
+    tuned = PeftModel.from_pretrained(model, str(adapter)).eval()
+    result = with_retention(score(tuned, tokenizer, name, "test", 32), base)
+    rate = sum(per_step) / runtime
+    budget = 3 * tokens_per_epoch
+    return {"steps": steps, "recipe_steps": recipe_steps, "tokens": sum(per_step), "train_seconds": round(runtime, 1),
+            "tokens_per_s": round(rate, 1), "budget_tokens": budget, "budget_hours": round(budget / rate / 3600, 2),
+            **scores(result.summary())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", default="伍鲜同志")
+    parser.add_argument("--seed-steps", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="bench/results/time_to_identity.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as work:
+        results = {"selfcog": selfcog_run(args.name, Path(work) / "run"),
+                   "seed-recipe": seed_recipe(args.name, args.seed_steps, Path(work))}
+    report = {"name": args.name, "threads": args.threads, "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+    print(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    s, r = report["results"]["selfcog"], report["results"]["seed-recipe"]
+    return "\n".join([
+        "| recipe | steps | tokens | train s | tokens/s | identity | retention | leakage |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| selfcog | {s['steps']} | {s['tokens']} | {s['train_seconds']} | {s['tokens_per_s']} | {s['identity']:.2f} | "
+        f"{s['retention']:.2f} | {s['leakage']:.2f} |",
+        f"| seed recipe, stopped | {r['steps']} of {r['recipe_steps']} | {r['tokens']} | {r['train_seconds']} | "
+        f"{r['tokens_per_s']} | {r['identity']:.2f} | {r['retention']:.2f} | {r['leakage']:.2f} |",
+        f"| seed recipe, whole | {r['recipe_steps']} | {r['budget_tokens']} | ~{r['budget_hours']} h at that rate | | | | |",
+    ])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
