@@ -51,6 +51,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_name
 from transformers.generation.streamers import BaseStreamer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -270,16 +271,6 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(report))
     print(f"\n(1-min load average before/after: {load_before:.2f} / {load_after:.2f}; JSON: {out})")
     return 0
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_name, matmul_peak
 from transformers import TrainerCallback
 
 CONTENDERS = ("hf-peft", "selfcog", "selfcog-noshare")
@@ -141,17 +142,6 @@ def step_stats(clock: StepClock) -> dict:
             "tokens_per_s": round(sum(tokens) / sum(times), 1), "s_per_step": round(sum(times) / len(times), 3)}
 
 
-def matmul_peak(threads: int, n: int = 2048, repeats: int = 10) -> float:
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9
-
-
 def matmul_params(model_spec: str) -> int:
     """Parameters that take part in matmuls per token: every linear layer plus the LM head."""
     from selfcog.models import load_model
@@ -220,16 +210,6 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(markdown(report))
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def markdown(report: dict) -> str:

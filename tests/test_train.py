@@ -175,3 +175,27 @@ def test_fit_lowers_the_loss_and_writes_a_peft_adapter(tiny_model_dir, tmp_path)
     assert (tmp_path / "adapter" / "selfcog.yaml").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
 
+
+
+def test_kl_prompt_covers_preservation_prompts_and_starts_at_zero(tiny_model_dir, tmp_path):
+    """With kl_prompt the KL term reads every preservation position (prompt included); with a fresh adapter
+    (B = 0) it is 0, so the loss is the plain cross-entropy either way."""
+    model, tokenizer = load_model(str(tiny_model_dir))
+    peft_model = add_lora(model, RunConfig())
+    identity, _ = build_examples(tokenizer, SHARED_SYSTEM[:2], preserve=False, max_length=512)
+    keep, _ = build_examples(tokenizer, SHARED_SYSTEM[2:], preserve=True, max_length=512)
+    batch = pack_batch(identity + keep)
+    losses = {}
+    for kl_prompt in (False, True):
+        trainer = PreservingTrainer(model=peft_model, args=training_args(RunConfig(), tmp_path / "w"),
+                                    train_dataset=identity + keep, data_collator=pack_batch, kl_weight=1.0,
+                                    kl_prompt=kl_prompt)
+        seen = []
+        original = trainer.base_logits
+        trainer.base_logits = lambda *a: seen.append(a[-1]) or original(*a)
+        with torch.no_grad(), packed_attention(peft_model):
+            losses[kl_prompt] = trainer.compute_loss(peft_model, dict(batch))
+        preserved = batch["preserve_mask"][0, :-1].nonzero().squeeze(1)
+        answer_only = preserved[batch["labels"][0, preserved + 1] != IGNORE_INDEX]
+        assert torch.equal(seen[0], preserved if kl_prompt else answer_only)
+    torch.testing.assert_close(losses[True], losses[False])
