@@ -106,6 +106,8 @@ class TrainArgs:
     """Optimizer steps between resumable checkpoints in the work dir (`selfcog train`); 0 saves none."""
     save_total_limit: int = 2
     """Most checkpoints kept (the oldest are deleted); 0 keeps all."""
+    tensorboard: bool = False
+    """`selfcog train`: also write TensorBoard logs to WORK_DIR/runs/ (needs `pip install tensorboard`)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% slower."""
     deepspeed: str = ""

@@ -177,6 +177,63 @@ class JsonlLog(TrainerCallback):
             f.write(json.dumps({"step": state.global_step, **(logs or {})}) + "\n")
 
 
+class ThroughputLog(TrainerCallback):
+    """Adds `tokens_per_s` (sample tokens trained since the last log line, per second) and `peak_mem_mib` (peak
+    CUDA memory allocated, or this process's peak RSS on a CPU) to every log line, and prints them."""
+
+    def __init__(self, trainer: "PreservingTrainer", say=None):
+        self.trainer, self.say = trainer, say or log
+        self.tokens, self.time = 0, time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return control
+        now, tokens = time.perf_counter(), self.trainer.tokens_trained
+        logs["tokens_per_s"] = round((tokens - self.tokens) / max(now - self.time, 1e-9), 1)
+        logs["peak_mem_mib"] = peak_memory_mib()
+        self.tokens, self.time = tokens, now
+        self.say(f"selfcog: step {state.global_step} loss {logs['loss']:.4g} lr {logs.get('learning_rate', 0):.3g} "
+                 f"grad_norm {logs.get('grad_norm', float('nan')):.3g} {logs['tokens_per_s']} tokens/s "
+                 f"peak {logs['peak_mem_mib']} MiB")
+        return control
+
+
+def peak_memory_mib() -> float:
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    try:  # VmHWM: this process's peak resident set
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM"))
+        return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, StopIteration):
+        import resource
+
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def plot_loss(log_file: Path, target: Path) -> Path | None:
+    """Loss against step from `log.jsonl` as a PNG (written to a temp file, then renamed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(log_file).read_text().splitlines() if line.strip()]
+    points = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), (int, float))]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*points), marker="o", markersize=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = target.with_name(f".{target.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(target)
+    return target
+
+
 def fmt(value) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
@@ -295,9 +352,10 @@ def engine_args(config: RunConfig, work_dir: Path, n_items: int, processes: int 
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps, save_strategy="steps" if t.save_steps > 0 else "no",
         save_steps=t.save_steps if t.save_steps > 0 else 500, save_total_limit=t.save_total_limit or None,
-        **({checkpointing: True} if t.gradient_checkpointing else {}), report_to=[], bf16=use_bf16(t.bf16),
+        **({checkpointing: True} if t.gradient_checkpointing else {}), report_to=report_to(t.tensorboard),
+        bf16=use_bf16(t.bf16),
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, seed=t.seed, data_seed=t.seed,
-        remove_unused_columns=False, disable_tqdm=True,
+        remove_unused_columns=False,
         # torchrun: gloo between CPU processes (NCCL on GPUs by default). Every LoRA weight takes part in every
         # forward, so DDP's search for unused ones would only cost time (and clash with activation checkpointing).
         ddp_backend=ddp_backend(), ddp_find_unused_parameters=False, deepspeed=t.deepspeed or None,
@@ -321,6 +379,19 @@ class EngineTrainer(PreservingTrainer):
         weight = tokens * processes / everyone
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         return (result[0] * weight, result[1]) if return_outputs else result * weight
+
+
+def report_to(tensorboard: bool) -> list[str]:
+    """TensorBoard event files in WORK_DIR/runs/ when asked for (needs the `tensorboard` package)."""
+    if not tensorboard:
+        return []
+    import importlib.util
+
+    from selfcog.errors import SelfcogError
+
+    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+        raise SelfcogError("train.tensorboard: needs `pip install tensorboard`")
+    return ["tensorboard"]
 
 
 CHECKPOINT_DONE = "selfcog-complete"
@@ -464,11 +535,14 @@ def train_from_config(config: RunConfig, work_dir: Path, resume: bool = False) -
     if config.train.gradient_checkpointing:
         peft_model.enable_input_require_grads()
     samples = SampleChats(config, tokenizer, work_dir, write=main)
-    callbacks = [MarkCompleteCheckpoints(), samples] + ([JsonlLog(work_dir / "log.jsonl")] if main else [])
+    callbacks = [MarkCompleteCheckpoints(), samples]
     processes = state.num_processes
     trainer = EngineTrainer(
         model=peft_model, args=engine_args(config, work_dir, len(dataset), processes), train_dataset=dataset,
         data_collator=pack_bins, callbacks=callbacks, kl_weight=config.train.kl_weight)
+    trainer.add_callback(ThroughputLog(trainer, say))  # before JsonlLog, which writes the fields it adds
+    if main:
+        trainer.add_callback(JsonlLog(work_dir / "log.jsonl"))
     say(f"selfcog: training on {len(examples)} samples ({len(dataset)} items after packing), "
         f"{total_steps(config, len(dataset), processes)} steps"
         + (f" in each of {processes} processes" if processes > 1 else "")
@@ -477,6 +551,8 @@ def train_from_config(config: RunConfig, work_dir: Path, resume: bool = False) -
         samples.sample(peft_model, 0)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     peft_model.eval()
+    if main and plot_loss(work_dir / "log.jsonl", work_dir / "loss.png"):
+        say(f"selfcog: loss curve: {work_dir / 'loss.png'}")
     adapter = work_dir / "adapter"
     if trainer.is_deepspeed_enabled:
         # ZeRO-3 holds each weight in shards: every process takes part in gathering them, the main one writes.

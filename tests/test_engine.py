@@ -128,3 +128,28 @@ def test_gradient_checkpointing_trains_the_same_adapter(tiny_model_dir, tmp_path
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_logs_carry_throughput_and_memory_and_a_loss_curve_is_drawn(tmp_path, tiny_model_dir):
+    result = CliRunner().invoke(main, ["train", str(write_config(tmp_path, tiny_model_dir, save_steps=0)),
+                                       "--work-dir", str(tmp_path / "work")])
+    assert result.exit_code == 0, result.output
+    logged = [json.loads(line) for line in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
+    steps = [entry for entry in logged if "loss" in entry]
+    assert len(steps) == 6  # logging_steps 1, max_steps 6
+    for entry in steps:
+        assert entry["tokens_per_s"] > 0 and entry["peak_mem_mib"] > 0
+        assert {"learning_rate", "grad_norm"} <= entry.keys()
+    assert (tmp_path / "work" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tensorboard_without_the_package_is_a_one_line_error(tmp_path, tiny_model_dir, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("tensorboard") else real(name, *a))
+    result = CliRunner().invoke(main, ["train", str(write_config(tmp_path, tiny_model_dir, tensorboard=True)),
+                                       "--work-dir", str(tmp_path / "work")])
+    assert result.exit_code == 2
+    assert "train.tensorboard: needs `pip install tensorboard`" in result.output
