@@ -68,7 +68,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_model_d
         lines = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
         losses = [e["loss"] for e in lines if "loss" in e]
         assert len(losses) == STEPS and all(0 < loss < 20 for loss in losses)
-        assert sorted(p.name for p in work.iterdir()) == ["adapter", "eval_outputs", "log.jsonl", "selfcog.yaml"]
+        assert sorted(p.name for p in work.iterdir()) == ["adapter", "eval_outputs", "log.jsonl", "loss.png", "selfcog.yaml"]
         assert sorted(p.name for p in (work / "eval_outputs").iterdir()) == ["step_0.txt", "step_2.txt", "step_4.txt"]
 
     a = load_file(str(two / "adapter" / "adapter_model.safetensors"))
