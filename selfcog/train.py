@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import math
-import time
+import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -345,14 +346,16 @@ def engine_args(config: RunConfig, work_dir: Path, n_items: int, processes: int 
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
         else "gradient_checkpointing"
     return TrainingArguments(
-        output_dir=str(work_dir), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        output_dir=str(Path(work_dir) / STAGING), per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate, lr_scheduler_type="cosine",
         warmup_steps=math.ceil(t.warmup_ratio * total_steps(config, n_items, processes)),
         max_steps=t.max_steps if t.epochs <= 0 else -1, num_train_epochs=t.epochs if t.epochs > 0 else 1,
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps, save_strategy="steps" if t.save_steps > 0 else "no",
-        save_steps=t.save_steps if t.save_steps > 0 else 500, save_total_limit=t.save_total_limit or None,
-        **({checkpointing: True} if t.gradient_checkpointing else {}), report_to=report_to(t.tensorboard),
+        # Checkpoints are staged, then renamed into work_dir by AtomicCheckpoints, which also keeps save_total_limit.
+        save_steps=t.save_steps if t.save_steps > 0 else 500, save_total_limit=None,
+        **({checkpointing: True} if t.gradient_checkpointing else {}), report_to=report_to(t.tensorboard, work_dir),
         bf16=use_bf16(t.bf16),
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, seed=t.seed, data_seed=t.seed,
         remove_unused_columns=False,
@@ -381,7 +384,7 @@ class EngineTrainer(PreservingTrainer):
         return (result[0] * weight, result[1]) if return_outputs else result * weight
 
 
-def report_to(tensorboard: bool) -> list[str]:
+def report_to(tensorboard: bool, work_dir: Path) -> list[str]:
     """TensorBoard event files in WORK_DIR/runs/ when asked for (needs the `tensorboard` package)."""
     if not tensorboard:
         return []
@@ -391,29 +394,50 @@ def report_to(tensorboard: bool) -> list[str]:
 
     if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
         raise SelfcogError("train.tensorboard: needs `pip install tensorboard`")
+    # transformers' documented switch for where TensorBoardCallback writes (default: under output_dir, which is
+    # the checkpoint staging folder here).
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(work_dir) / "runs")
     return ["tensorboard"]
 
 
 CHECKPOINT_DONE = "selfcog-complete"
 
 
-class MarkCompleteCheckpoints(TrainerCallback):
-    """Marks each `checkpoint-N` once the Trainer has finished writing it (`on_save` runs after the save).
+STAGING = ".checkpoints-staging"
 
-    The Trainer writes checkpoints in place; a kill mid-save leaves a folder without the marker, which
-    `newest_complete_checkpoint` skips. Under torchrun every process writes its own part (RNG state, DeepSpeed
-    shards), so the main process marks the folder only once all of them got here. Public callback API only —
-    no private Trainer methods.
+
+class AtomicCheckpoints(TrainerCallback):
+    """The Trainer writes each `checkpoint-N` into a staging folder (its output_dir, WORK_DIR/.checkpoints-staging);
+    `on_save` runs once the save has finished, and then the folder is marked complete and renamed into WORK_DIR —
+    one rename, so WORK_DIR only ever holds whole checkpoints. Keeps the newest `keep` (0: all).
+
+    Under torchrun every process writes its own part (RNG state, DeepSpeed shards), so the main process moves the
+    folder only once all of them got here. Public callback API only — no private Trainer methods.
     """
+
+    def __init__(self, work_dir: Path, keep: int, main: bool = True):
+        self.work_dir, self.keep, self.main = Path(work_dir), keep, main
 
     def on_save(self, args, state, control, **kwargs):
         from selfcog.distributed import wait_for_everyone
 
         wait_for_everyone()
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and folder.is_dir():
-            (folder / CHECKPOINT_DONE).write_text(str(state.global_step))
+        staged = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.main and staged.is_dir():
+            (staged / CHECKPOINT_DONE).write_text(str(state.global_step))
+            target = self.work_dir / staged.name
+            if target.exists():  # the same step saved again after a resume
+                shutil.rmtree(target)
+            staged.rename(target)
+            self.prune()
+        wait_for_everyone()
         return control
+
+    def prune(self) -> None:
+        done = sorted((f for f in self.work_dir.glob("checkpoint-*") if f.name.split("-")[-1].isdigit()),
+                      key=lambda f: int(f.name.split("-")[-1]))
+        for old in done[:-self.keep] if self.keep else []:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def newest_complete_checkpoint(work_dir: Path, prune: bool = True) -> Path | None:
@@ -511,6 +535,8 @@ def train_from_config(config: RunConfig, work_dir: Path, resume: bool = False) -
     conversations = train_data(config, say)
     if main:
         work_dir.mkdir(parents=True, exist_ok=True)
+    if main:  # whatever a killed run left half-written in staging is never used
+        shutil.rmtree(work_dir / STAGING, ignore_errors=True)
     checkpoint = newest_complete_checkpoint(work_dir, prune=main) if resume else None
     if resume and checkpoint is None:
         raise SelfcogError(f"--resume: no checkpoint-N in {work_dir}")
@@ -535,7 +561,7 @@ def train_from_config(config: RunConfig, work_dir: Path, resume: bool = False) -
     if config.train.gradient_checkpointing:
         peft_model.enable_input_require_grads()
     samples = SampleChats(config, tokenizer, work_dir, write=main)
-    callbacks = [MarkCompleteCheckpoints(), samples]
+    callbacks = [AtomicCheckpoints(work_dir, config.train.save_total_limit, main), samples]
     processes = state.num_processes
     trainer = EngineTrainer(
         model=peft_model, args=engine_args(config, work_dir, len(dataset), processes), train_dataset=dataset,
@@ -551,6 +577,8 @@ def train_from_config(config: RunConfig, work_dir: Path, resume: bool = False) -
         samples.sample(peft_model, 0)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     peft_model.eval()
+    if main:
+        shutil.rmtree(work_dir / STAGING, ignore_errors=True)
     if main and plot_loss(work_dir / "log.jsonl", work_dir / "loss.png"):
         say(f"selfcog: loss curve: {work_dir / 'loss.png'}")
     adapter = work_dir / "adapter"

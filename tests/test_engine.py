@@ -60,7 +60,8 @@ def test_train_writes_checkpoints_samples_and_an_adapter(tiny_model_dir, tmp_pat
     assert "load_in_4bit needs a CUDA GPU" in result.stderr and "removed 12 exact duplicate" in result.stderr
     assert sorted(p.name for p in work.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
     assert (work / "checkpoint-6" / "trainer_state.json").exists()
-    assert (work / "checkpoint-6" / "selfcog-complete").exists()  # marked only once fully written
+    assert (work / "checkpoint-6" / "selfcog-complete").exists()  # marked, then renamed into place
+    assert not (work / ".checkpoints-staging").exists()
     assert sorted(p.name for p in (work / "eval_outputs").iterdir()) == \
         ["step_0.txt", "step_2.txt", "step_3.txt", "step_4.txt", "step_6.txt"]
     assert (work / "eval_outputs" / "step_0.txt").read_text().startswith("Q: Who are you?\nA: ")
