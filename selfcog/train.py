@@ -158,15 +158,38 @@ class IdentityEarlyStop(TrainerCallback):
         log(f"selfcog: step {state.global_step} dev identity {dev.identity:.2f} "
             f"retention {fmt(dev.retention)} leakage {dev.leakage:.2f}")
         ev = self.config.eval
-        if dev.identity >= ev.identity_threshold and dev.leakage <= ev.leakage_max:
+        reason = stop_reason(self.history, ev)
+        if reason:
             # More steps only move general answers further from the base model, so stop here either way;
             # a retention drop is reported rather than trained through.
             if dev.retention is not None and dev.retention < ev.retention_threshold:
                 log(f"selfcog: warning: dev retention {dev.retention:.2f} is below {ev.retention_threshold}; "
                     "a lower learning rate or more preservation samples may keep more")
-            log(f"selfcog: identity learned at step {state.global_step}; stopping early")
+            log(f"selfcog: {reason} at step {state.global_step}; stopping early")
             control.should_training_stop = True
         return control
+
+
+def stop_reason(history: list[dict], ev) -> str | None:
+    """Why training should stop after the latest dev check in `history`, or None to go on.
+
+    Stops once the identity is learned (dev identity >= identity_threshold, leakage <= leakage_max), or once it has
+    plateaued: no gain over the best earlier check for `plateau_checks` checks in a row while at or above
+    `plateau_floor` (a phrasing or two that the model answers well without the name can keep a 12-phrasing dev set
+    just under the threshold; more steps then only cost time and retention).
+    """
+    last = history[-1]
+    if last["leakage"] > ev.leakage_max:
+        return None
+    if last["identity"] >= ev.identity_threshold:
+        return "identity learned"
+    n = ev.plateau_checks
+    if n and len(history) > n:
+        best_before = max(h["identity"] for h in history[:-n])
+        recent = [h["identity"] for h in history[-n:]]
+        if max(recent) <= best_before and min(recent) >= ev.plateau_floor:
+            return f"dev identity plateaued at {max(recent):.2f}"
+    return None
 
 
 class JsonlLog(TrainerCallback):

@@ -199,3 +199,22 @@ def test_kl_prompt_covers_preservation_prompts_and_starts_at_zero(tiny_model_dir
         answer_only = preserved[batch["labels"][0, preserved + 1] != IGNORE_INDEX]
         assert torch.equal(seen[0], preserved if kl_prompt else answer_only)
     torch.testing.assert_close(losses[True], losses[False])
+
+
+def test_early_stop_on_learned_identity_or_on_a_plateau():
+    from selfcog.config import EvalArgs
+    from selfcog.train import stop_reason
+
+    ev = EvalArgs(plateau_checks=2)
+
+    def checks(*identities, leakage=0.0):
+        return [{"identity": i, "leakage": leakage} for i in identities]
+
+    assert stop_reason(checks(0.5, 0.92), ev) == "identity learned"
+    assert stop_reason(checks(0.92, leakage=0.1), ev) is None  # learned, but leaking into general answers
+    assert stop_reason(checks(0.58, 0.83), ev) is None  # still improving
+    assert stop_reason(checks(0.83, 0.83), ev) is None  # one flat check is not a plateau
+    assert stop_reason(checks(0.83, 0.83, 0.75), ev) == "dev identity plateaued at 0.83"
+    assert stop_reason(checks(0.5, 0.6, 0.5), ev) is None  # flat, but below the floor: keep training
+    ev.plateau_checks = 0
+    assert stop_reason(checks(0.83, 0.83, 0.83), ev) is None
