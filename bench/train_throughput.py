@@ -44,12 +44,11 @@ CONTENDERS = ("hf-peft", "selfcog", "selfcog-noshare")
 def training_data(model, tokenizer, name: str = "Alice") -> list[list[dict]]:
     """The identity set for NAME plus preservation conversations, as `selfcog run` builds them."""
     from selfcog.cache import model_fingerprint
+    from selfcog.data.formats import from_xtuner
     from selfcog.data.identity import Persona, identity_records
     from selfcog.data.preserve import preservation_conversations
 
-    identity = [[{"role": "user" if t == "input" else "assistant", "content": turn[t]}
-                 for turn in record["conversation"] for t in ("input", "output")]
-                for record in identity_records(Persona(name, "", "", ""))]
+    identity = [from_xtuner(record) for record in identity_records(Persona(name, "", "", ""))]
     preserve = preservation_conversations(model, tokenizer, round(1.5 * len(identity)), 48,
                                           model_fingerprint(model.name_or_path))
     return identity + preserve
@@ -81,11 +80,6 @@ def counted(trainer_cls, count_tokens, clock: StepClock):
     return Counted
 
 
-def real_tokens_packed(inputs) -> int:
-    lengths = inputs["packed_lengths"].tolist()
-    return lengths[0] * (len(lengths) - 1) + sum(lengths[1:])
-
-
 def build(contender: str, model_spec: str, work: Path, batch: int, clock: StepClock):
     """A ready Trainer for `contender` (a fresh model each) and the list of its samples' lengths."""
     from functools import partial
@@ -94,7 +88,7 @@ def build(contender: str, model_spec: str, work: Path, batch: int, clock: StepCl
     from transformers import DataCollatorForSeq2Seq, Trainer
 
     from selfcog.config import RunConfig
-    from selfcog.data.tokenize import build_examples, pack_batch
+    from selfcog.data.tokenize import build_examples, pack_batch, sample_tokens
     from selfcog.models import load_model
     from selfcog.train import PreservingTrainer, add_lora, engine_args
 
@@ -116,7 +110,7 @@ def build(contender: str, model_spec: str, work: Path, batch: int, clock: StepCl
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100))
     else:
         collate = partial(pack_batch, share_prefix=contender == "selfcog")
-        cls = counted(PreservingTrainer, real_tokens_packed, clock)
+        cls = counted(PreservingTrainer, lambda inputs: sample_tokens(inputs["packed_lengths"]), clock)
         trainer = cls(model=add_lora(model, config), args=args, train_dataset=examples, data_collator=collate,
                       kl_weight=0.0)
     trainer.add_callback(clock)

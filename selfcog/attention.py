@@ -53,8 +53,9 @@ class PackedLayout:
     """Set by the attention function: proves the model really routed attention through it."""
 
 
-def packed_layout(lengths: torch.Tensor | list[int]) -> PackedLayout:
-    """Layout from `[prefix length, rest length of sample 1, ...]` (the collator's `packed_lengths`)."""
+def packed_layout(lengths: torch.Tensor | list[int], device: torch.device | str = "cpu") -> PackedLayout:
+    """Layout from `[prefix length, rest length of sample 1, ...]` (the collator's `packed_lengths`), its index
+    tensors built once on `device` for every layer to use."""
     prefix, *rests = [int(n) for n in lengths]
     longest = max(rests)
     offsets = torch.tensor([0, *rests]).cumsum(0)[:-1] + prefix
@@ -65,7 +66,8 @@ def packed_layout(lengths: torch.Tensor | list[int]) -> PackedLayout:
     # padded queries are dropped by `scatter`.
     causal = torch.ones(longest, longest, dtype=torch.bool).tril()
     mask = torch.cat([torch.ones(longest, prefix, dtype=torch.bool), causal], dim=1)
-    return PackedLayout(prefix, len(rests), longest, gather.reshape(-1), valid.reshape(-1).nonzero().squeeze(1), mask)
+    return PackedLayout(prefix, len(rests), longest, gather.reshape(-1).to(device),
+                        valid.reshape(-1).nonzero().squeeze(1).to(device), mask.to(device))
 
 
 def packed_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -85,7 +87,7 @@ def packed_attention_forward(module, query, key, value, attention_mask, scaling=
 def packed_sdpa(q, k, v, layout: PackedLayout, dropout: float, scaling: float | None) -> torch.Tensor:
     """q [heads, row, dim], k and v [kv heads, row, dim] -> attention output [1, row, heads, dim]."""
     p, n, longest = layout.prefix, layout.samples, layout.longest
-    gather, scatter, mask = (t.to(q.device) for t in (layout.gather, layout.scatter, layout.mask))
+    gather, scatter, mask = layout.gather, layout.scatter, layout.mask
     parts = []
     if p:
         prefix = F.scaled_dot_product_attention(q[None, :, :p], k[None, :, :p], v[None, :, :p], is_causal=True,

@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from selfcog.atomic import atomic_dir
 from selfcog.attention import check_used, packed_attention, packed_layout
 from selfcog.config import RunConfig, save_config
-from selfcog.data.tokenize import pack_batch
+from selfcog.data.tokenize import pack_batch, sample_tokens
 from selfcog.evaluate import Scores, score, with_retention
 from selfcog.models import log
 from selfcog.templates import IGNORE_INDEX
@@ -93,14 +93,14 @@ class PreservingTrainer(Trainer):
         labels = inputs.pop("labels")
         preserve = inputs.pop("preserve_mask")
         lengths = inputs.pop("packed_lengths")
-        self.tokens_trained += int(lengths[0]) * (len(lengths) - 1) + int(lengths[1:].sum())
+        self.tokens_trained += sample_tokens(lengths)
         # Position t predicts token t+1; only positions whose next token carries loss (and, with kl_prompt, every
         # preservation position) need logits at all, so the LM head (a fifth of this model's compute) runs on
         # those rows only.
         targets = labels[0, 1:] != IGNORE_INDEX
         wanted = targets | preserve[0, :-1] if self.kl_prompt else targets
         keep = wanted.nonzero().squeeze(1)
-        layout = packed_layout(lengths)
+        layout = packed_layout(lengths, inputs["input_ids"].device)
         outputs = model(**inputs, use_cache=False, logits_to_keep=keep, packed_layout=layout)
         check_used(layout, model)
         logits = outputs.logits[0]
@@ -123,7 +123,7 @@ class PreservingTrainer(Trainer):
         ends = torch.tensor(rests).cumsum(0) + prefix
         sub_lengths = [prefix] + [n for n, end in zip(rests, ends.tolist()) if end > start]
         pick = torch.cat([torch.arange(prefix), torch.arange(start, inputs["input_ids"].shape[1])])
-        layout = packed_layout(sub_lengths)
+        layout = packed_layout(sub_lengths, inputs["input_ids"].device)
         base = self.accelerator.unwrap_model(model)
         with torch.no_grad(), base.disable_adapter():
             out = base(input_ids=inputs["input_ids"][:, pick], position_ids=inputs["position_ids"][:, pick],

@@ -52,6 +52,12 @@ def pack_batch(features: list[dict], share_prefix: bool = True) -> dict[str, tor
     }
 
 
+def sample_tokens(packed_lengths) -> int:
+    """Tokens of the samples a packed row holds, the shared prefix counted once per sample."""
+    prefix, *rests = [int(n) for n in packed_lengths]
+    return prefix * len(rests) + sum(rests)
+
+
 def shared_prefix_length(features: list[dict]) -> int:
     """Length of the token run all samples start with, ending before the first token that carries loss.
 
