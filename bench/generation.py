@@ -5,10 +5,10 @@ batch 1, KV cache on, from the same prompt token ids (the chat template's render
 
 - `streaming`: `selfcog.generate.stream_chat(model, tokenizer, messages, SamplingArgs(max_new_tokens=N,
   temperature=0), info=info)`, exactly as `selfcog chat`, the web demo and the API call it: prompt planning
-  (template rendering, tokenization, history fitting) in the caller's thread, `generate` in a worker thread,
-  the stop-event stopping criterion, incremental detokenization into whole-character text pieces and the
-  queue back to the consumer. Timed from the call to the first text piece the consumer receives (TTFT)
-  and to the generator's end (total, worker thread joined). Tokens: `info["completion_tokens"]`.
+  (template rendering, tokenization, history fitting), the step-by-step decoding loop (the model's forward
+  with its KV cache and transformers' logits processors, in the caller's thread), the stop-event check and
+  incremental detokenization into whole-character text pieces. Timed from the call to the first text piece
+  the consumer receives (TTFT) and to the generator's end (total). Tokens: `info["completion_tokens"]`.
 - `bare`: `model.generate(input_ids, attention_mask, max_new_tokens=N, do_sample=False, use_cache=True,
   eos_token_id=<same stop ids>, pad_token_id, streamer=clock)` on pre-tokenized ids, in the calling thread.
   `clock` is a minimal `BaseStreamer` that only records the time of the first `put` after the prompt
@@ -18,7 +18,7 @@ batch 1, KV cache on, from the same prompt token ids (the chat template's render
 Token counts. `stream_chat` stops at EOS or the template's end of turn and has no minimum-length option. With
 `--stop length` (the default) both are forced to generate exactly N tokens: bare generate gets
 `min_new_tokens=N`, and `stream_chat` picks up the same value from `model.generation_config.min_new_tokens`
-(`generate` reads every option it is not passed from there); both then run the same min-length logits
+(as `generate` does for every option it is not passed); both then run transformers' min-length logits
 processor. With `--stop eos` nothing is forced: both stop at the same stop tokens and, being greedy on the same
 ids, produce the same tokens (checked: `outputs_match`). Token counts are reported either way.
 
@@ -135,7 +135,7 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def thread_torch_threads() -> int:
-    """torch's intra-op threads as seen from a fresh Python thread (where stream_chat runs generate)."""
+    """torch's intra-op threads as seen from a fresh Python thread (the API server's worker thread)."""
     seen = []
     thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
     thread.start()

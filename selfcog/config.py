@@ -60,6 +60,11 @@ class LoraArgs:
     """Dropout on the LoRA input."""
     target_modules: str = "all-linear"
     """Which linear layers get adapters: `all-linear` (every one but the LM head) or names like `q_proj,v_proj`."""
+    top_layers: int = 0
+    """Adapters only on the last N decoder layers (0: every layer). The backward pass then stops at the first
+    adapted layer, and the layers below keep the base model's features for every input. Measured on SmolLM2-135M
+    (30 layers, --name 伍鲜同志): 20 → identity 1.00, retention 0.89, ~10% less training time, slightly less drift
+    on held-out general answers; 15 → identity only 0.83 at the early stop."""
     load_in_4bit: bool = False
     """QLoRA: load the base model 4-bit quantized (bitsandbytes, needs a CUDA GPU; falls back to fp32 on a CPU)."""
     bnb_4bit_quant_type: str = "nf4"
@@ -88,8 +93,10 @@ class TrainArgs:
     """Gradient clipping threshold."""
     kl_weight: float = 3.0
     """Weight of the KL term that keeps preservation answers' token distributions close to the base model."""
-    kl_prompt: bool = False
-    """Apply the KL term at every token of a preservation sample (its prompt too), not only at its answer."""
+    kl_prompt: bool = True
+    """Apply the KL term at every token of a preservation sample (its prompt too), not only at its answer.
+    Measured (--name 伍鲜同志, held-out test): retention 24/27 with it, 23/27 without; the same 24/27 with
+    three other settings on top (lora.top_layers=20; batch 12 with preserve_ratio 2.5; kl_weight 6 + lr 1.5e-3)."""
     bf16: str = "auto"
     """bf16 autocast: `auto` (on where the hardware runs it), `true` or `false`."""
     seed: int = 42

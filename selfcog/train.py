@@ -34,9 +34,28 @@ from selfcog.templates import IGNORE_INDEX
 def add_lora(model, config: RunConfig):
     from peft import LoraConfig, get_peft_model
 
+    layers = adapted_layers(model, config.lora.top_layers)
+    targets = lora_targets(config.lora.target_modules)
+    if layers is not None and targets == "all-linear":
+        targets = linear_names(model)  # peft takes a layer subset only with named targets
     lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                      target_modules=lora_targets(config.lora.target_modules), task_type="CAUSAL_LM")
+                      target_modules=targets, task_type="CAUSAL_LM", layers_to_transform=layers)
     return get_peft_model(model, lora)
+
+
+def linear_names(model) -> list[str]:
+    """Names of the linear layers inside the decoder (what peft's `all-linear` means): the LM head excluded."""
+    output = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and module is not output})
+
+
+def adapted_layers(model, top_layers: int) -> list[int] | None:
+    """Indices of the last `top_layers` decoder layers, or None for all of them."""
+    count = model.config.num_hidden_layers
+    if top_layers <= 0 or top_layers >= count:
+        return None
+    return list(range(count - top_layers, count))
 
 
 def lora_targets(setting: str) -> str | list[str]:
@@ -282,9 +301,10 @@ def fit(config: RunConfig, model, tokenizer, examples: list[dict], out_dir: Path
     peft_model = add_lora(model, config)
     work = Path(tempfile.mkdtemp(dir=out_dir, prefix=".train-"))
     stopper = IdentityEarlyStop(config, tokenizer, base_dev)
+    callbacks = [stopper, JsonlLog(out_dir / "log.jsonl")]
     trainer = PreservingTrainer(
         model=peft_model, args=training_args(config, work), train_dataset=examples, data_collator=pack_batch,
-        callbacks=[stopper, JsonlLog(out_dir / "log.jsonl")], kl_weight=config.train.kl_weight,
+        callbacks=callbacks, kl_weight=config.train.kl_weight,
         kl_prompt=config.train.kl_prompt)
     result = trainer.train()
     peft_model.eval()

@@ -113,6 +113,22 @@ def test_sampled_pieces_join_to_the_full_text(tiny):
         assert not piece.endswith("\ufffd")
 
 
+@pytest.mark.parametrize("args", [SamplingArgs(max_new_tokens=30, temperature=0.8, top_p=0.9, top_k=20),
+                                  SamplingArgs(max_new_tokens=30, temperature=1.3, top_p=1.0, repetition_penalty=1.2)])
+def test_sampled_stream_equals_generate_with_the_same_seed(tiny, args):
+    """The streaming loop draws exactly what `model.generate` draws: same processors, same order, same RNG use."""
+    model, tokenizer = tiny
+    ids, _ = plan_prompt(model, tokenizer, QUESTION, args)
+    prompt = torch.tensor([ids])
+    torch.manual_seed(11)
+    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **generation_kwargs(tokenizer, args))
+    expected = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    torch.manual_seed(11)
+    info = {}
+    assert "".join(stream_chat(model, tokenizer, QUESTION, args, info=info)) == expected
+    assert info["completion_tokens"] == out.shape[1] - len(ids)
+
+
 def test_stop_event_and_early_exit_end_generation(tiny):
     model, tokenizer = tiny
     args = SamplingArgs(max_new_tokens=400, temperature=0)

@@ -112,6 +112,28 @@ def test_packed_gradients_equal_separate_gradients(tiny_model_dir):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+def test_top_layers_adapts_only_the_last_layers(tiny_model_dir):
+    """lora.top_layers=1: adapters on every linear layer of the last decoder layer only, and a training step
+    leaves the layers below untouched."""
+    model, tokenizer = load_model(str(tiny_model_dir))
+    last = model.config.num_hidden_layers - 1
+    config = RunConfig()
+    config.lora.top_layers = 1
+    peft_model = add_lora(model, config)
+    adapted = {name.split(".lora_A")[0] for name, _ in peft_model.named_parameters() if "lora_A" in name}
+    every = {name for name, module in load_model(str(tiny_model_dir))[0].named_modules()
+             if isinstance(module, torch.nn.Linear) and name != "lm_head"}
+    assert adapted and {name.removeprefix("base_model.model.") for name in adapted} == \
+        {name for name in every if f"layers.{last}." in name}
+    examples, _ = build_examples(tokenizer, SHARED_SYSTEM, preserve=False, max_length=512)
+    batch = pack_batch(examples)
+    keep = (batch["labels"][0, 1:] != IGNORE_INDEX).nonzero().squeeze(1)
+    loss = torch.nn.functional.cross_entropy(packed_logits(peft_model, batch)[keep], batch["labels"][0, keep + 1])
+    loss.backward()
+    assert all(p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad)
+    assert all(p.grad is None for n, p in peft_model.named_parameters() if f"layers.{last}." not in n)
+
+
 def test_shared_prefix_stops_before_the_first_loss_token(tiny_model_dir):
     _, tokenizer = load_model(str(tiny_model_dir))
     convs = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": a}] for a in ("Hello", "Hey there")]
