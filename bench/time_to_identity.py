@@ -66,7 +66,7 @@ def seed_recipe(name: str, steps: int, work: Path) -> dict:
     config = RunConfig()
     config.data.data_files, config.data.max_length, config.data.pack_to_max_length = [str(data)], 2048, True
     config.data.deduplicate = False  # the recipe trains on every copy
-    config.lora.r, config.lora.alpha, config.lora.dropout = 64, 16, 0.1
+    config.lora.r, config.lora.alpha, config.lora.dropout, config.lora.top_layers = 64, 16, 0.1, 0
     t = config.train
     t.learning_rate, t.batch_size, t.grad_accum, t.warmup_ratio, t.kl_weight = 2e-4, 1, 16, 0.03, 0.0
     t.epochs, t.max_steps, t.save_steps, t.logging_steps = 0.0, steps, 0, 1

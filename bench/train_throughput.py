@@ -98,6 +98,7 @@ def build(contender: str, model_spec: str, work: Path, batch: int, clock: StepCl
     config = RunConfig()
     config.train.batch_size, config.train.max_steps, config.train.kl_weight = batch, 10_000, 0.0
     config.train.bf16, config.train.logging_steps, config.train.warmup_ratio = "false", 10_000, 0.0
+    config.lora.top_layers = 0  # every layer, like the baseline's `all-linear`
     args = engine_args(config, work / contender, len(examples))
     torch.manual_seed(0)
     if contender == "hf-peft":

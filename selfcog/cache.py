@@ -41,3 +41,32 @@ def cached_answers(fingerprint: str | None, conversations: list, max_new_tokens:
     answers = compute()
     write_text(path, json.dumps(answers, ensure_ascii=False))
     return answers
+
+
+def cached_tensors(fingerprint: str | None, payload, compute) -> dict:
+    """`compute()` (a dict of tensors) once per (model, payload); later calls read the stored safetensors file."""
+    import os
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    if fingerprint is None:
+        return compute()
+    key = hashlib.sha256(json.dumps([fingerprint, payload]).encode()).hexdigest()
+    path = selfcog_home() / "base-topk" / f"{key}.safetensors"
+    if path.exists():
+        try:
+            return load_file(str(path))
+        except Exception:  # a damaged file is recomputed, never trusted
+            path.unlink(missing_ok=True)
+    tensors = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tensors

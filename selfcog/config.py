@@ -60,11 +60,12 @@ class LoraArgs:
     """Dropout on the LoRA input."""
     target_modules: str = "all-linear"
     """Which linear layers get adapters: `all-linear` (every one but the LM head) or names like `q_proj,v_proj`."""
-    top_layers: int = 0
+    top_layers: int = 20
     """Adapters only on the last N decoder layers (0: every layer). The backward pass then stops at the first
     adapted layer, and the layers below keep the base model's features for every input. Measured on SmolLM2-135M
-    (30 layers, --name 伍鲜同志): 20 → identity 1.00, retention 0.89, ~10% less training time, slightly less drift
-    on held-out general answers; 15 → identity only 0.83 at the early stop."""
+    (30 layers, --name 伍鲜同志, held-out): 20 → identity 1.00, retention 56/60 against 52/60 with every layer,
+    less drift on general answers, ~10% less training time; 15 → identity only 0.83 at the early stop.
+    Imported XTuner configs and the InternLM2 preset set 0 (every layer), like XTuner."""
     load_in_4bit: bool = False
     """QLoRA: load the base model 4-bit quantized (bitsandbytes, needs a CUDA GPU; falls back to fp32 on a CPU)."""
     bnb_4bit_quant_type: str = "nf4"
@@ -93,6 +94,10 @@ class TrainArgs:
     """Gradient clipping threshold."""
     kl_weight: float = 3.0
     """Weight of the KL term that keeps preservation answers' token distributions close to the base model."""
+    kl_top_k: int = 64
+    """The KL term reads the base model's top-k next-token log-probs (plus one bucket for the rest), computed once
+    before training and cached per base weights, instead of running the base model again in every step; 0 runs
+    the exact full-vocabulary KL against a base forward pass each step."""
     kl_prompt: bool = True
     """Apply the KL term at every token of a preservation sample (its prompt too), not only at its answer.
     Measured (--name 伍鲜同志, held-out test): retention 24/27 with it, 23/27 without; the same 24/27 with

@@ -88,7 +88,7 @@ def run(config: RunConfig) -> Path:
     if dropped + dropped_p:
         log(f"selfcog: dropped {dropped + dropped_p} samples longer than {config.data.max_length} tokens")
     log(f"selfcog: training on {len(examples)} identity + {len(kept)} preservation samples ...")
-    peft_model, summary = fit(config, model, tokenizer, examples + kept, out, base_dev)
+    peft_model, summary = fit(config, model, tokenizer, examples + kept, out, base_dev, fingerprint)
     t = lap("train", t)
 
     save_merged(peft_model, tokenizer, out / "merged", config)

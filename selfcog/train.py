@@ -24,6 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from selfcog.atomic import atomic_dir
 from selfcog.attention import check_used, packed_attention, packed_layout
+from selfcog.cache import cached_tensors
 from selfcog.config import RunConfig, save_config
 from selfcog.data.tokenize import pack_batch, sample_tokens
 from selfcog.evaluate import Scores, score, with_retention
@@ -92,6 +93,66 @@ def preservation_loss(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.
     return F.kl_div(tuned, base, log_target=True, reduction="batchmean")
 
 
+def topk_preservation_loss(logits: torch.Tensor, base_ids: torch.Tensor, base_logp: torch.Tensor) -> torch.Tensor:
+    """Mean KL(base || tuned) over rows, from the base model's stored top-k log-probs: the k tokens plus one
+    bucket for the rest of the vocabulary (exact KL between the two distributions coarsened that way)."""
+    tuned = F.log_softmax(logits.float(), dim=-1).gather(-1, base_ids.long())
+    base_logp = base_logp.float()
+    top = 1 - 1e-6  # keeps log1p finite when the top k hold (nearly) all the mass
+    base_rest = torch.log1p(-base_logp.exp().sum(-1).clamp(max=top))
+    tuned_rest = torch.log1p(-tuned.exp().sum(-1).clamp(max=top))
+    kl = (base_logp.exp() * (base_logp - tuned)).sum(-1) + base_rest.exp() * (base_rest - tuned_rest)
+    return kl.mean()
+
+
+@torch.no_grad()
+def attach_base_topk(model, examples: list[dict], k: int, fingerprint: str | None = None,
+                     row_tokens: int = 512) -> list[dict]:
+    """Give every preservation example `base_ids` / `base_logp`: the base model's top-k next-token log-probs at
+    each of its positions, computed once before training (cached per base weights) instead of by a second
+    forward pass in every step. Returns the examples (preservation ones copied with the two tensors added)."""
+    wanted = [i for i, e in enumerate(examples) if e.get("preserve")]
+    if not wanted:
+        return examples
+
+    def compute() -> dict:
+        ids, logp = [], []
+        with packed_attention(model):
+            for batch in rows_of([examples[i] for i in wanted], row_tokens):
+                inputs = pack_batch(batch, share_prefix=False)
+                device = model.device
+                layout = packed_layout(inputs["packed_lengths"], device)
+                logits = model(input_ids=inputs["input_ids"].to(device), position_ids=inputs["position_ids"].to(device),
+                               use_cache=False, packed_layout=layout).logits[0].float()
+                check_used(layout, model)
+                top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+                ids.append(top.indices.to(torch.int32).cpu())
+                logp.append(top.values.cpu())
+        return {"ids": torch.cat(ids), "logp": torch.cat(logp)}
+
+    payload = {"k": k, "samples": [examples[i]["input_ids"] for i in wanted]}
+    table = cached_tensors(fingerprint, payload, compute)
+    out, start = list(examples), 0
+    for i in wanted:
+        n = len(examples[i]["input_ids"])
+        out[i] = {**examples[i], "base_ids": table["ids"][start:start + n], "base_logp": table["logp"][start:start + n]}
+        start += n
+    return out
+
+
+def rows_of(examples: list[dict], row_tokens: int):
+    """Consecutive groups of examples of at most `row_tokens` tokens (one example may exceed it alone)."""
+    row, size = [], 0
+    for example in examples:
+        if row and size + len(example["input_ids"]) > row_tokens:
+            yield row
+            row, size = [], 0
+        row.append(example)
+        size += len(example["input_ids"])
+    if row:
+        yield row
+
+
 class PreservingTrainer(Trainer):
     """Trainer whose loss adds `kl_weight` x KL(base || tuned) on preservation samples' answer tokens."""
 
@@ -112,6 +173,7 @@ class PreservingTrainer(Trainer):
         labels = inputs.pop("labels")
         preserve = inputs.pop("preserve_mask")
         lengths = inputs.pop("packed_lengths")
+        base_ids, base_logp = inputs.pop("base_ids", None), inputs.pop("base_logp", None)
         self.tokens_trained += sample_tokens(lengths)
         # Position t predicts token t+1; only positions whose next token carries loss (and, with kl_prompt, every
         # preservation position) need logits at all, so the LM head (a fifth of this model's compute) runs on
@@ -127,8 +189,12 @@ class PreservingTrainer(Trainer):
         loss = F.cross_entropy(logits[ce_rows].float(), labels[0, keep[ce_rows] + 1])
         kl_rows = preserve[0, keep]
         if self.kl_weight > 0 and kl_rows.any():
-            base = self.base_logits(model, inputs, lengths, preserve, keep[kl_rows])
-            loss = loss + self.kl_weight * preservation_loss(logits[kl_rows], base)
+            rows = keep[kl_rows]
+            if base_ids is not None:  # stored before training (attach_base_topk)
+                kl = topk_preservation_loss(logits[kl_rows], base_ids[0, rows], base_logp[0, rows])
+            else:
+                kl = preservation_loss(logits[kl_rows], self.base_logits(model, inputs, lengths, preserve, rows))
+            loss = loss + self.kl_weight * kl
         return (loss, outputs) if return_outputs else loss
 
     def base_logits(self, model, inputs, lengths, preserve, positions: torch.Tensor) -> torch.Tensor:
@@ -294,9 +360,15 @@ def training_args(config: RunConfig, work_dir: Path) -> TrainingArguments:
 
 
 def fit(config: RunConfig, model, tokenizer, examples: list[dict], out_dir: Path,
-        base_dev: Scores | None = None) -> tuple[object, dict]:
-    """Train LoRA on `examples`; write `out_dir/adapter` atomically. Returns (peft model, training summary)."""
+        base_dev: Scores | None = None, fingerprint: str | None = None) -> tuple[object, dict]:
+    """Train LoRA on `examples`; write `out_dir/adapter` atomically. Returns (peft model, training summary).
+
+    `fingerprint` (the base weights' id) lets the preservation samples' base top-k come from the cache."""
     out_dir = Path(out_dir)
+    began = time.perf_counter()
+    if config.train.kl_weight > 0 and config.train.kl_top_k > 0:
+        examples = attach_base_topk(model, examples, config.train.kl_top_k, fingerprint)
+    base_topk_seconds = time.perf_counter() - began
     torch.manual_seed(config.train.seed)
     peft_model = add_lora(model, config)
     work = Path(tempfile.mkdtemp(dir=out_dir, prefix=".train-"))
@@ -313,6 +385,7 @@ def fit(config: RunConfig, model, tokenizer, examples: list[dict], out_dir: Path
     summary = {"steps": result.global_step, "train_loss": result.training_loss,
                "train_seconds": result.metrics.get("train_runtime"), "dev_history": stopper.history,
                "dev_check_seconds": round(stopper.seconds, 1), "tokens_trained": trainer.tokens_trained,
+               "base_topk_seconds": round(base_topk_seconds, 1),
                "tokens": sum(len(e["input_ids"]) for e in examples)}
     return peft_model, summary
 

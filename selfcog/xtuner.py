@@ -301,6 +301,7 @@ class _Mapper:
             self.warnings.append(f"xtuner: not evaluated (selfcog never executes config code): {where}")
         self.config.eval.eval_steps = 0  # no NAME to score: the sample chats are the progress check
         self.config.train.kl_weight = 0.0  # plain SFT, like XTuner (no preservation samples)
+        self.config.lora.top_layers = 0  # XTuner's LoRA adapts every layer
         return self.config
 
     def model(self, model: dict, llm: dict) -> None:

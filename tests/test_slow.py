@@ -36,9 +36,9 @@ def test_run_learns_the_identity_and_keeps_general_ability(real_run):
     print(json.dumps(metrics["tuned"], ensure_ascii=False), metrics["seconds"])
     assert tuned["identity"] >= 0.9, metrics
     assert tuned["leakage"] <= 0.05, metrics
-    # The goal is 0.9; measured runs give 0.81-0.86 (see README). This guards against regressions
-    # without pretending the goal is met: one flipped answer of ~27 moves retention by 0.04.
-    assert tuned["retention"] >= 0.75, metrics
+    # Measured 0.94 (77 of the 82 test questions the base answers right; README). A regression guard with room
+    # for a few flipped borderline answers on another CPU (one answer moves retention by 0.012).
+    assert tuned["retention"] >= 0.85, metrics
     assert "tuned" in stdout and "identity" in stdout
 
 

@@ -12,7 +12,8 @@ from selfcog.attention import packed_attention, packed_layout
 from selfcog.data.tokenize import build_examples, pack_batch, shared_prefix_length
 from selfcog.models import load_model
 from selfcog.templates import IGNORE_INDEX, encode_example, encode_prompt, render
-from selfcog.train import PreservingTrainer, add_lora, fit, preservation_loss, training_args
+from selfcog.train import (PreservingTrainer, add_lora, attach_base_topk, fit, preservation_loss, topk_preservation_loss,
+                           training_args)
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Alice's assistant."}],
@@ -178,6 +179,38 @@ def test_kl_is_zero_before_training_and_base_suffix_matches_full_row(tiny_model_
             suffix = trainer.base_logits(peft_model, batch, batch["packed_lengths"], batch["preserve_mask"], positions)
     torch.testing.assert_close(suffix, full[positions], atol=1e-5, rtol=1e-4)
     assert preservation_loss(full[positions], suffix).abs() < 1e-6
+
+
+@pytest.mark.parametrize("kl_prompt", [False, True])
+def test_stored_base_topk_gives_the_exact_kl_when_k_is_the_vocabulary(tiny_model_dir, tmp_path, kl_prompt):
+    """attach_base_topk stores the base model's next-token log-probs per sample position; packed into a batch
+    (shared prefix, shuffled order) and read by compute_loss they give the same loss as the base forward pass
+    every step, once the adapter has moved. Smaller k: the top-k + rest-bucket KL is 0 for the base model."""
+    model, tokenizer = load_model(str(tiny_model_dir))
+    identity, _ = build_examples(tokenizer, SHARED_SYSTEM[:2], preserve=False, max_length=512)
+    keep, _ = build_examples(tokenizer, SHARED_SYSTEM[2:], preserve=True, max_length=512)
+    stored = attach_base_topk(model, identity + keep, k=model.config.vocab_size)
+    peft_model = add_lora(model, RunConfig())
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    trainer = PreservingTrainer(model=peft_model, args=training_args(RunConfig(), tmp_path / "w"),
+                                train_dataset=stored, data_collator=pack_batch, kl_weight=1.0, kl_prompt=kl_prompt)
+    order = [stored[i] for i in (3, 0, 2, 1)] if len(stored) > 3 else stored[::-1]
+    with torch.no_grad(), packed_attention(peft_model):
+        exact = trainer.compute_loss(peft_model, {k: v for k, v in pack_batch(order).items()
+                                                  if k not in ("base_ids", "base_logp")})
+        from_store = trainer.compute_loss(peft_model, dict(pack_batch(order)))
+        trainer.kl_weight = 0.0
+        cross_entropy = trainer.compute_loss(peft_model, dict(pack_batch(order)))
+    assert exact - cross_entropy > 1e-3  # the moved adapter makes the KL term count
+    torch.testing.assert_close(from_store, exact, atol=1e-5, rtol=1e-4)
+    small = attach_base_topk(model, keep, k=8)
+    top = small[0]
+    assert top["base_ids"].shape == (len(top["input_ids"]), 8)
+    full = torch.log_softmax(model(input_ids=torch.tensor([top["input_ids"]])).logits[0], dim=-1)
+    torch.testing.assert_close(top["base_logp"], full.topk(8, dim=-1).values, atol=1e-5, rtol=1e-4)
+    assert topk_preservation_loss(full, top["base_ids"], top["base_logp"]).abs() < 1e-5
 
 
 def test_fit_lowers_the_loss_and_writes_a_peft_adapter(tiny_model_dir, tmp_path):

@@ -43,13 +43,32 @@ def pack_batch(features: list[dict], share_prefix: bool = True) -> dict[str, tor
         positions += list(range(prefix, n))
         preserve += [feature.get("preserve", 0)] * (n - prefix)
         lengths.append(n - prefix)
-    return {
+    batch = {
         "input_ids": torch.tensor([input_ids]),
         "labels": torch.tensor([labels]),
         "position_ids": torch.tensor([positions]),
         "preserve_mask": torch.tensor([preserve], dtype=torch.bool),
         "packed_lengths": torch.tensor(lengths),
     }
+    if any("base_ids" in f for f in features):
+        batch.update(row_base_topk(features, prefix))
+    return batch
+
+
+def row_base_topk(features: list[dict], prefix: int) -> dict[str, torch.Tensor]:
+    """The base model's stored top-k (token ids, log-probs) of each preservation sample, aligned with the packed
+    row (a sample's rest starts at its local position `prefix`); zeros where a sample has none."""
+    k = next(f["base_ids"].shape[1] for f in features if "base_ids" in f)
+    ids, logp = [torch.zeros(prefix, k, dtype=torch.int32)], [torch.zeros(prefix, k)]
+    for feature in features:
+        n = len(feature["input_ids"])
+        if "base_ids" in feature:
+            ids.append(feature["base_ids"][prefix:n])
+            logp.append(feature["base_logp"][prefix:n])
+        else:
+            ids.append(torch.zeros(n - prefix, k, dtype=torch.int32))
+            logp.append(torch.zeros(n - prefix, k))
+    return {"base_ids": torch.cat(ids)[None], "base_logp": torch.cat(logp)[None]}
 
 
 def sample_tokens(packed_lengths) -> int:
