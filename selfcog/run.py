@@ -130,6 +130,10 @@ def report(metrics: dict, base: Scores, tuned: Scores) -> str:
     lines += ["", "Seconds per stage: " + ", ".join(f"{k} {v}" for k, v in metrics["seconds"].items()), "",
               "## Held-out answers (base → tuned)", ""]
     for question, answer in tuned.answers.items():
-        before = base.answers.get(question, "").replace("\n", " ")
-        lines.append(f"- **{question}**\n  - base: {before}\n  - tuned: {answer.replace(chr(10), ' ')}")
+        lines.append(f"- **{question}**\n  - base: {shown(base.answers.get(question, ''))}\n  - tuned: {shown(answer)}")
     return "\n".join(lines) + "\n"
+
+
+def shown(answer: str) -> str:
+    """One line; an answer cut at the token limit inside a multi-byte character loses the broken U+FFFD tail."""
+    return answer.replace("\n", " ").rstrip("\ufffd")

@@ -88,3 +88,10 @@ def test_module_entry_point_runs():
 
     proc = subprocess.run([sys.executable, "-m", "selfcog", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "run" in proc.stdout and "chat" in proc.stdout
+
+
+def test_report_lines_drop_a_character_cut_at_the_token_limit():
+    from selfcog.run import shown
+
+    assert shown("我是伍鲜同志的助\ufffd") == "我是伍鲜同志的助"
+    assert shown("line one\nline two") == "line one line two"
