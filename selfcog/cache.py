@@ -10,7 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from selfcog.atomic import write_text
+from selfcog.atomic import atomic_file, write_text
 from selfcog.models import COMPLETE_MARKER, selfcog_home
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
@@ -45,9 +45,7 @@ def cached_answers(fingerprint: str | None, conversations: list, max_new_tokens:
 
 def cached_tensors(fingerprint: str | None, payload, compute) -> dict:
     """`compute()` (a dict of tensors) once per (model, payload); later calls read the stored safetensors file."""
-    import os
-    import tempfile
-
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
     if fingerprint is None:
@@ -57,16 +55,9 @@ def cached_tensors(fingerprint: str | None, payload, compute) -> dict:
     if path.exists():
         try:
             return load_file(str(path))
-        except Exception:  # a damaged file is recomputed, never trusted
+        except (OSError, SafetensorError):  # a damaged file is recomputed, never trusted
             path.unlink(missing_ok=True)
     tensors = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     return tensors

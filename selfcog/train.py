@@ -117,10 +117,10 @@ def attach_base_topk(model, examples: list[dict], k: int, fingerprint: str | Non
 
     def compute() -> dict:
         ids, logp = [], []
+        device = model.device
         with packed_attention(model):
-            for batch in rows_of([examples[i] for i in wanted], row_tokens):
+            for batch in pack_to_max_length([examples[i] for i in wanted], row_tokens):
                 inputs = pack_batch(batch, share_prefix=False)
-                device = model.device
                 layout = packed_layout(inputs["packed_lengths"], device)
                 logits = model(input_ids=inputs["input_ids"].to(device), position_ids=inputs["position_ids"].to(device),
                                use_cache=False, packed_layout=layout).logits[0].float()
@@ -138,19 +138,6 @@ def attach_base_topk(model, examples: list[dict], k: int, fingerprint: str | Non
         out[i] = {**examples[i], "base_ids": table["ids"][start:start + n], "base_logp": table["logp"][start:start + n]}
         start += n
     return out
-
-
-def rows_of(examples: list[dict], row_tokens: int):
-    """Consecutive groups of examples of at most `row_tokens` tokens (one example may exceed it alone)."""
-    row, size = [], 0
-    for example in examples:
-        if row and size + len(example["input_ids"]) > row_tokens:
-            yield row
-            row, size = [], 0
-        row.append(example)
-        size += len(example["input_ids"])
-    if row:
-        yield row
 
 
 class PreservingTrainer(Trainer):
