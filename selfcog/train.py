@@ -10,12 +10,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -93,16 +95,56 @@ def preservation_loss(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.
     return F.kl_div(tuned, base, log_target=True, reduction="batchmean")
 
 
-def topk_preservation_loss(logits: torch.Tensor, base_ids: torch.Tensor, base_logp: torch.Tensor) -> torch.Tensor:
-    """Mean KL(base || tuned) over rows, from the base model's stored top-k log-probs: the k tokens plus one
-    bucket for the rest of the vocabulary (exact KL between the two distributions coarsened that way)."""
-    tuned = F.log_softmax(logits.float(), dim=-1).gather(-1, base_ids.long())
+def topk_preservation_loss(tuned_logp: torch.Tensor, base_logp: torch.Tensor) -> torch.Tensor:
+    """Mean KL(base || tuned) over rows, from the base model's stored top-k log-probs and the tuned model's
+    log-probs of the same k tokens: the k tokens plus one bucket for the rest of the vocabulary (exact KL between
+    the two distributions coarsened that way)."""
+    tuned = tuned_logp.float()
     base_logp = base_logp.float()
     top = 1 - 1e-6  # keeps log1p finite when the top k hold (nearly) all the mass
     base_rest = torch.log1p(-base_logp.exp().sum(-1).clamp(max=top))
     tuned_rest = torch.log1p(-tuned.exp().sum(-1).clamp(max=top))
     kl = (base_logp.exp() * (base_logp - tuned)).sum(-1) + base_rest.exp() * (base_rest - tuned_rest)
     return kl.mean()
+
+
+class GatheredLogProbs(torch.autograd.Function):
+    """`log_softmax(logits, -1).gather(-1, columns)` for a [rows, vocab] logits matrix, computed in row chunks.
+
+    The plain expression materialises the [rows, vocab] log-softmax in the forward pass and, in the backward
+    pass, a zero-filled gradient for the gather plus the log-softmax's own: three fresh matrices of ~70 MB per
+    step on the embedded model, and on a CPU each one costs ~30 ms of page faults before any arithmetic. Here the
+    forward keeps only one log-sum-exp per row, and the backward writes the gradient, softmax x (-sum of the
+    incoming gradient) plus the incoming gradient at `columns`, into one matrix, a cache-sized chunk at a time.
+    """
+
+    CHUNK = 32  # rows per chunk: 32 x 49,152 fp32 = 6 MiB, reused by the allocator from chunk to chunk
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        lse = torch.empty(logits.shape[0], 1, dtype=torch.float32, device=logits.device)
+        for s in range(0, logits.shape[0], GatheredLogProbs.CHUNK):
+            part = slice(s, s + GatheredLogProbs.CHUNK)
+            lse[part] = torch.logsumexp(logits[part].float(), dim=-1, keepdim=True)
+        ctx.save_for_backward(logits, columns, lse)
+        return logits.gather(-1, columns).float() - lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, columns, lse = ctx.saved_tensors
+        total = grad.sum(-1, keepdim=True)
+        out = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], GatheredLogProbs.CHUNK):
+            part = slice(s, s + GatheredLogProbs.CHUNK)
+            torch.sub(logits[part], lse[part], out=out[part])  # written in place: no temporary per chunk
+            out[part].exp_().mul_(-total[part])
+        out.scatter_add_(-1, columns, grad.to(out.dtype))
+        return out, None
+
+
+def gathered_log_probs(logits: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[i, columns[i, j]] as a [rows, len(columns[0])] float32 matrix (see GatheredLogProbs)."""
+    return GatheredLogProbs.apply(logits, columns.long())
 
 
 @torch.no_grad()
@@ -140,6 +182,33 @@ def attach_base_topk(model, examples: list[dict], k: int, fingerprint: str | Non
     return out
 
 
+@contextmanager
+def freed_memory_kept():
+    """While training on a CPU, keep freed memory in the process for the next step to reuse (glibc malloc).
+
+    glibc serves each allocation above its mmap threshold (32 MiB at most) with a fresh mmap and unmaps it on
+    free, so every step's [rows, vocab] logits, their gradient and the larger activations are page-faulted in
+    anew: ~30 ms per 70 MB matrix on this 2-core machine, 13% of a training step on the embedded model. With
+    mmap off and heap trimming deferred, freed blocks are simply reused. Afterwards glibc's defaults come back
+    and the heap is trimmed, so the memory is returned once training ends. A no-op where the C library has no
+    `mallopt` (not glibc).
+    """
+    libc = ctypes.CDLL(None)
+    mallopt, trim = getattr(libc, "mallopt", None), getattr(libc, "malloc_trim", None)
+    if mallopt is None or trim is None:
+        yield
+        return
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    mallopt(m_mmap_max, 0)
+    mallopt(m_trim_threshold, 2 ** 31 - 1)
+    try:
+        yield
+    finally:
+        mallopt(m_mmap_max, 65536)  # glibc's defaults
+        mallopt(m_trim_threshold, 128 * 1024)
+        trim(0)
+
+
 class PreservingTrainer(Trainer):
     """Trainer whose loss adds `kl_weight` x KL(base || tuned) on preservation samples' answer tokens."""
 
@@ -153,7 +222,7 @@ class PreservingTrainer(Trainer):
     def train(self, *args, **kwargs):
         # Packed attention stays on for the whole run: gradient checkpointing re-runs layers in the backward pass.
         # Without a `packed_layout` it is plain SDPA, so generation inside callbacks is unaffected.
-        with packed_attention(self.model):
+        with packed_attention(self.model), freed_memory_kept() if self.args.device.type == "cpu" else nullcontext():
             return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -171,14 +240,21 @@ class PreservingTrainer(Trainer):
         layout = packed_layout(lengths, inputs["input_ids"].device)
         outputs = model(**inputs, use_cache=False, logits_to_keep=keep, packed_layout=layout)
         check_used(layout, model)
-        logits = outputs.logits[0]
+        logits = outputs.logits.squeeze(0)  # a view: `[0]` would add a zero-filled [rows, vocab] gradient
         ce_rows = targets[keep]
-        loss = F.cross_entropy(logits[ce_rows].float(), labels[0, keep[ce_rows] + 1])
-        kl_rows = preserve[0, keep]
-        if self.kl_weight > 0 and kl_rows.any():
+        kl_rows = preserve[0, keep] if self.kl_weight > 0 else torch.zeros_like(ce_rows)
+        stored = base_ids is not None and bool(kl_rows.any())
+        # Every row's next token, and with the stored top-k also the base model's k tokens: one log-softmax
+        # over the vocabulary serves both terms.
+        columns = labels[0, keep + 1].clamp(min=0)[:, None]
+        if stored:
+            columns = torch.cat([columns, base_ids[0, keep].long()], dim=1)
+        logp = gathered_log_probs(logits, columns)
+        loss = -logp[ce_rows, 0].mean()
+        if kl_rows.any():
             rows = keep[kl_rows]
-            if base_ids is not None:  # stored before training (attach_base_topk)
-                kl = topk_preservation_loss(logits[kl_rows], base_ids[0, rows], base_logp[0, rows])
+            if stored:  # stored before training (attach_base_topk)
+                kl = topk_preservation_loss(logp[kl_rows, 1:], base_logp[0, rows])
             else:
                 kl = preservation_loss(logits[kl_rows], self.base_logits(model, inputs, lengths, preserve, rows))
             loss = loss + self.kl_weight * kl

@@ -12,8 +12,8 @@ from selfcog.attention import packed_attention, packed_layout
 from selfcog.data.tokenize import build_examples, pack_batch, shared_prefix_length
 from selfcog.models import load_model
 from selfcog.templates import IGNORE_INDEX, encode_example, encode_prompt, render
-from selfcog.train import (PreservingTrainer, add_lora, attach_base_topk, fit, preservation_loss, topk_preservation_loss,
-                           training_args)
+from selfcog.train import (GatheredLogProbs, PreservingTrainer, add_lora, attach_base_topk, fit, gathered_log_probs,
+                           preservation_loss, topk_preservation_loss, training_args)
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Alice's assistant."}],
@@ -210,7 +210,24 @@ def test_stored_base_topk_gives_the_exact_kl_when_k_is_the_vocabulary(tiny_model
     assert top["base_ids"].shape == (len(top["input_ids"]), 8)
     full = torch.log_softmax(model(input_ids=torch.tensor([top["input_ids"]])).logits[0], dim=-1)
     torch.testing.assert_close(top["base_logp"], full.topk(8, dim=-1).values, atol=1e-5, rtol=1e-4)
-    assert topk_preservation_loss(full, top["base_ids"], top["base_logp"]).abs() < 1e-5
+    assert topk_preservation_loss(full.gather(-1, top["base_ids"].long()), top["base_logp"]).abs() < 1e-5
+
+
+def test_gathered_log_probs_match_log_softmax_gather_in_value_and_gradient():
+    """The chunked log-softmax gather of compute_loss: same values and gradients as the plain expression, across
+    chunk boundaries and with a column picked twice in a row."""
+    torch.manual_seed(0)
+    logits = (torch.randn(GatheredLogProbs.CHUNK * 2 + 5, 300, dtype=torch.float64) * 4).requires_grad_()
+    columns = torch.randint(0, 300, (logits.shape[0], 6))
+    columns[:, 1] = columns[:, 0]
+    weights = torch.randn(logits.shape[0], 6, dtype=torch.float64)
+    ours = gathered_log_probs(logits, columns)
+    (ours * weights).sum().backward()
+    ours_grad, logits.grad = logits.grad, None
+    plain = torch.log_softmax(logits, dim=-1).gather(-1, columns)
+    (plain * weights).sum().backward()
+    torch.testing.assert_close(ours.double(), plain, atol=1e-5, rtol=1e-5)  # lse is float32
+    torch.testing.assert_close(ours_grad, logits.grad, atol=1e-5, rtol=1e-5)
 
 
 def test_fit_lowers_the_loss_and_writes_a_peft_adapter(tiny_model_dir, tmp_path):
