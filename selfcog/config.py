@@ -102,6 +102,11 @@ class TrainArgs:
     """Apply the KL term at every token of a preservation sample (its prompt too), not only at its answer.
     Measured (--name 伍鲜同志, held-out test): retention 24/27 with it, 23/27 without; the same 24/27 with
     three other settings on top (lora.top_layers=20; batch 12 with preserve_ratio 2.5; kl_weight 6 + lr 1.5e-3)."""
+    reuse_frozen_layers: bool = True
+    """`selfcog run`: with adapters on the top layers only (lora.top_layers), the frozen layers below them run over
+    each preservation sample once, cached per base weights, instead of in every step (exact; see
+    selfcog/frozen_layers.py). Checked on a real sample first: a model whose decoder changes `inputs_embeds` before
+    its first layer runs every layer instead."""
     bf16: str = "auto"
     """bf16 autocast: `auto` (on where the hardware runs it), `true` or `false`."""
     seed: int = 42

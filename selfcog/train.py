@@ -30,6 +30,7 @@ from selfcog.cache import cached_tensors
 from selfcog.config import RunConfig, save_config
 from selfcog.data.tokenize import pack_batch, sample_tokens
 from selfcog.evaluate import Scores, score, with_retention
+from selfcog.frozen_layers import attach_bottom_hidden, bottom_then_top, per_position, reusable
 from selfcog.models import log
 from selfcog.templates import IGNORE_INDEX
 
@@ -157,23 +158,16 @@ def attach_base_topk(model, examples: list[dict], k: int, fingerprint: str | Non
     if not wanted:
         return examples
 
-    def compute() -> dict:
-        ids, logp = [], []
+    def top(model, inputs, layout):
         device = model.device
-        with packed_attention(model):
-            for batch in pack_to_max_length([examples[i] for i in wanted], row_tokens):
-                inputs = pack_batch(batch, share_prefix=False)
-                layout = packed_layout(inputs["packed_lengths"], device)
-                logits = model(input_ids=inputs["input_ids"].to(device), position_ids=inputs["position_ids"].to(device),
-                               use_cache=False, packed_layout=layout).logits[0].float()
-                check_used(layout, model)
-                top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
-                ids.append(top.indices.to(torch.int32).cpu())
-                logp.append(top.values.cpu())
-        return {"ids": torch.cat(ids), "logp": torch.cat(logp)}
+        logits = model(input_ids=inputs["input_ids"].to(device), position_ids=inputs["position_ids"].to(device),
+                       use_cache=False, packed_layout=layout).logits[0].float()
+        best = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+        return {"ids": best.indices.to(torch.int32), "logp": best.values}
 
     payload = {"k": k, "samples": [examples[i]["input_ids"] for i in wanted]}
-    table = cached_tensors(fingerprint, payload, compute)
+    table = cached_tensors(fingerprint, payload,
+                           lambda: per_position(model, [examples[i] for i in wanted], top, row_tokens))
     out, start = list(examples), 0
     for i in wanted:
         n = len(examples[i]["input_ids"])
@@ -212,9 +206,12 @@ def freed_memory_kept():
 class PreservingTrainer(Trainer):
     """Trainer whose loss adds `kl_weight` x KL(base || tuned) on preservation samples' answer tokens."""
 
-    def __init__(self, *args, kl_weight: float = 1.0, kl_prompt: bool = False, **kwargs):
+    def __init__(self, *args, kl_weight: float = 1.0, kl_prompt: bool = False, frozen_layers: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.kl_weight, self.kl_prompt = kl_weight, kl_prompt
+        # Batches carrying `bottom_hidden` (selfcog.frozen_layers) run the layers below this one only over the
+        # prefix and the samples that have no stored states.
+        self.frozen_layers = frozen_layers
         self.tokens_trained = 0  # sample tokens (the shared prefix counted once per sample) that went through training
         # Our loss is a per-token mean of the micro-batch; let the Trainer scale it for accumulation.
         self.model_accepts_loss_kwargs = False
@@ -230,6 +227,7 @@ class PreservingTrainer(Trainer):
         preserve = inputs.pop("preserve_mask")
         lengths = inputs.pop("packed_lengths")
         base_ids, base_logp = inputs.pop("base_ids", None), inputs.pop("base_logp", None)
+        bottom_hidden = inputs.pop("bottom_hidden", None)
         self.tokens_trained += sample_tokens(lengths)
         # Position t predicts token t+1; only positions whose next token carries loss (and, with kl_prompt, every
         # preservation position) need logits at all, so the LM head (a fifth of this model's compute) runs on
@@ -238,7 +236,11 @@ class PreservingTrainer(Trainer):
         wanted = targets | preserve[0, :-1] if self.kl_prompt else targets
         keep = wanted.nonzero().squeeze(1)
         layout = packed_layout(lengths, inputs["input_ids"].device)
-        outputs = model(**inputs, use_cache=False, logits_to_keep=keep, packed_layout=layout)
+        if bottom_hidden is not None and self.frozen_layers and preserve.any():
+            outputs = bottom_then_top(model, self.frozen_layers, inputs, bottom_hidden, preserve, lengths,
+                                      logits_to_keep=keep, packed_layout=layout)
+        else:
+            outputs = model(**inputs, use_cache=False, logits_to_keep=keep, packed_layout=layout)
         check_used(layout, model)
         logits = outputs.logits.squeeze(0)  # a view: `[0]` would add a zero-filled [rows, vocab] gradient
         ce_rows = targets[keep]
@@ -431,7 +433,10 @@ def fit(config: RunConfig, model, tokenizer, examples: list[dict], out_dir: Path
     began = time.perf_counter()
     if config.train.kl_weight > 0 and config.train.kl_top_k > 0:
         examples = attach_base_topk(model, examples, config.train.kl_top_k, fingerprint)
-    base_topk_seconds = time.perf_counter() - began
+    frozen = frozen_below(model, config, examples)
+    if frozen:
+        examples = attach_bottom_hidden(model, examples, frozen, fingerprint)
+    prepare_seconds = time.perf_counter() - began
     torch.manual_seed(config.train.seed)
     peft_model = add_lora(model, config)
     work = Path(tempfile.mkdtemp(dir=out_dir, prefix=".train-"))
@@ -440,7 +445,7 @@ def fit(config: RunConfig, model, tokenizer, examples: list[dict], out_dir: Path
     trainer = PreservingTrainer(
         model=peft_model, args=training_args(config, work), train_dataset=examples, data_collator=pack_batch,
         callbacks=callbacks, kl_weight=config.train.kl_weight,
-        kl_prompt=config.train.kl_prompt)
+        kl_prompt=config.train.kl_prompt, frozen_layers=frozen)
     result = trainer.train()
     peft_model.eval()
     save_adapter(peft_model, tokenizer, config, out_dir / "adapter")
@@ -448,9 +453,22 @@ def fit(config: RunConfig, model, tokenizer, examples: list[dict], out_dir: Path
     summary = {"steps": result.global_step, "train_loss": result.training_loss,
                "train_seconds": result.metrics.get("train_runtime"), "dev_history": stopper.history,
                "dev_check_seconds": round(stopper.seconds, 1), "tokens_trained": trainer.tokens_trained,
-               "base_topk_seconds": round(base_topk_seconds, 1),
+               "prepare_seconds": round(prepare_seconds, 1), "frozen_layers_run_once": frozen,
                "tokens": sum(len(e["input_ids"]) for e in examples)}
     return peft_model, summary
+
+
+def frozen_below(model, config: RunConfig, examples: list[dict]) -> int:
+    """The first adapted decoder layer when the frozen ones below it can be run once per sample (see
+    `selfcog.frozen_layers`), else 0."""
+    layers = adapted_layers(model, config.lora.top_layers)
+    if not config.train.reuse_frozen_layers or not layers or not examples:
+        return 0
+    if not reusable(model, layers[0], examples[0]["input_ids"]):
+        log(f"selfcog: {type(model).__name__} does not take its layer inputs back as inputs_embeds unchanged; "
+            "running every layer in every step")
+        return 0
+    return layers[0]
 
 
 def save_adapter(peft_model, tokenizer, config: RunConfig, target: Path) -> Path:

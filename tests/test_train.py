@@ -10,6 +10,7 @@ import torch
 from selfcog.config import RunConfig
 from selfcog.attention import packed_attention, packed_layout
 from selfcog.data.tokenize import build_examples, pack_batch, shared_prefix_length
+from selfcog.frozen_layers import attach_bottom_hidden, reusable
 from selfcog.models import load_model
 from selfcog.templates import IGNORE_INDEX, encode_example, encode_prompt, render
 from selfcog.train import (GatheredLogProbs, PreservingTrainer, add_lora, attach_base_topk, fit, gathered_log_probs,
@@ -228,6 +229,88 @@ def test_gathered_log_probs_match_log_softmax_gather_in_value_and_gradient():
     (plain * weights).sum().backward()
     torch.testing.assert_close(ours.double(), plain, atol=1e-5, rtol=1e-5)  # lse is float32
     torch.testing.assert_close(ours_grad, logits.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_stored_frozen_layer_states_give_the_same_loss_and_gradients(tiny_model_dir, tmp_path, mixed):
+    """attach_bottom_hidden + a batch carrying `bottom_hidden`: compute_loss runs the frozen bottom layer only over
+    the prefix and the identity samples (not at all for a batch of preservation samples) and gets the loss and
+    LoRA gradients of the full forward pass, on a shuffled batch with a shared prefix and the stored top-k KL."""
+    model, tokenizer = load_model(str(tiny_model_dir))
+    system = [{"role": "system", "content": "You are a helpful assistant."}]
+    general = [system + [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+               for q, a in [("What is 2 plus 2?", "4."), ("Name a color.", "Blue, like the sky.")]]
+    identity, _ = build_examples(tokenizer, SHARED_SYSTEM[:2], preserve=False, max_length=512)
+    keep, _ = build_examples(tokenizer, SHARED_SYSTEM[2:] + general, preserve=True, max_length=512)
+    stored = attach_bottom_hidden(model, attach_base_topk(model, identity + keep, k=8), layer=1)
+    assert all(("bottom_hidden" in e) == bool(e["preserve"]) for e in stored)
+    config = RunConfig()
+    config.lora.top_layers = 1
+    peft_model = add_lora(model, config)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    trainer = PreservingTrainer(model=peft_model, args=training_args(config, tmp_path / "w"), train_dataset=stored,
+                                data_collator=pack_batch, kl_weight=1.0, kl_prompt=True, frozen_layers=1)
+    order = [stored[i] for i in (3, 0, 4, 2, 1)] if mixed else stored[len(identity):]
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    seen = []  # tokens the frozen bottom layer ran over
+    hook = model.model.layers[0].register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    results = {}
+    with packed_attention(peft_model):
+        for reuse in (False, True):
+            batch = pack_batch(order)
+            if not reuse:
+                del batch["bottom_hidden"]
+            seen.clear()
+            loss = trainer.compute_loss(peft_model, dict(batch))
+            results[reuse] = (loss, torch.autograd.grad(loss, params), sum(seen))
+    hook.remove()
+    row = batch["input_ids"].shape[1]
+    assert results[False][2] == row
+    if mixed:
+        first_kept = int(batch["preserve_mask"][0].long().argmax())
+        assert results[True][2] == first_kept < row
+    else:
+        assert results[True][2] == 0
+    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-6, rtol=1e-5)
+    for a, b in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_fit_reusing_frozen_layers_trains_the_same_adapter(tiny_model_dir, tmp_path):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    examples, _ = build_examples(tokenizer, CONVERSATIONS, preserve=False, max_length=512)
+    keep, _ = build_examples(tokenizer, CONVERSATIONS[2:], preserve=True, max_length=512)
+    adapters = {}
+    for reuse in (False, True):
+        config = RunConfig()
+        config.lora.top_layers, config.train.reuse_frozen_layers = 1, reuse
+        config.train.max_steps, config.train.batch_size, config.eval.eval_steps = 3, 3, 0
+        (tmp_path / str(reuse)).mkdir()
+        peft_model, summary = fit(config, load_model(str(tiny_model_dir))[0], tokenizer, examples + keep,
+                                  tmp_path / str(reuse))
+        assert summary["frozen_layers_run_once"] == (1 if reuse else 0)
+        adapters[reuse] = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert adapters[True].keys() == adapters[False].keys()
+    for name, weight in adapters[True].items():
+        torch.testing.assert_close(weight, adapters[False][name], atol=1e-5, rtol=1e-4)
+    assert any(w.abs().sum() > 0 for n, w in adapters[True].items() if "lora_B" in n)  # training moved it
+
+
+def test_frozen_layer_reuse_is_checked_on_the_model(tiny_model_dir):
+    """The Llama split reproduces the model's logits; OPT adds its position embeddings to inputs_embeds inside the
+    decoder, so the split would not, and reusable() says so (training then runs every layer)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    ids = build_examples(tokenizer, SHARED_SYSTEM[:1], preserve=False, max_length=512)[0][0]["input_ids"]
+    assert reusable(model, 1, ids)
+    assert not reusable(model, 0, ids) and not reusable(model, 2, ids)  # no layer below / no layer above
+    torch.manual_seed(0)
+    opt = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                   num_attention_heads=4, word_embed_proj_dim=64)).eval()
+    assert not reusable(opt, 1, ids)
 
 
 def test_fit_lowers_the_loss_and_writes_a_peft_adapter(tiny_model_dir, tmp_path):

@@ -52,6 +52,8 @@ def pack_batch(features: list[dict], share_prefix: bool = True) -> dict[str, tor
     }
     if any("base_ids" in f for f in features):
         batch.update(row_base_topk(features, prefix))
+    if any("bottom_hidden" in f for f in features):
+        batch["bottom_hidden"] = row_bottom_hidden(features, prefix)
     return batch
 
 
@@ -69,6 +71,21 @@ def row_base_topk(features: list[dict], prefix: int) -> dict[str, torch.Tensor]:
             ids.append(torch.zeros(n - prefix, k, dtype=torch.int32))
             logp.append(torch.zeros(n - prefix, k))
     return {"base_ids": torch.cat(ids)[None], "base_logp": torch.cat(logp)[None]}
+
+
+def row_bottom_hidden(features: list[dict], prefix: int) -> torch.Tensor:
+    """The stored states entering the first adapted layer (selfcog.frozen_layers), lined up with the packed row;
+    zeros for samples that have none (they run through the frozen layers in the step). The prefix's states are
+    the same in every sample (same tokens and positions, causal attention), so the first sample's serve."""
+    size = next(f["bottom_hidden"].shape[1] for f in features if "bottom_hidden" in f)
+
+    def states(feature, start, end):
+        if "bottom_hidden" in feature:
+            return feature["bottom_hidden"][start:end]
+        return torch.zeros(end - start, size)
+
+    rows = [states(features[0], 0, prefix)] + [states(f, prefix, len(f["input_ids"])) for f in features]
+    return torch.cat(rows)[None]
 
 
 def sample_tokens(packed_lengths) -> int:
