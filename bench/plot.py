@@ -6,10 +6,12 @@ Reads from `--results` (default bench/results/), skipping any panel whose file i
   with its speed-up over the plain HF `Trainer` + PEFT baseline ("N.Nx");
 - `generation.json` (bench/generation.py): decode and overall tokens/s of selfcog's streaming generator
   against bare `model.generate`, and their time to first token;
+- `train_step.json` (bench/train_step.py): seconds per step of `selfcog run`'s training, session 3's step against
+  each of session 4's changes added, with the paired speed-up;
 - `time_to_identity.json` (bench/time_to_identity.py): training seconds, selfcog against the seed recipe,
   annotated with the identity and retention scores reached; where the seed recipe was stopped early and its
   `budget_tokens` is given, its whole budget at its measured token rate is drawn hatched (projected), on a
-  log scale when the bars differ more than 20x.
+  log scale when the bars differ more than 20x, and the goal as a dashed line where `goal_seconds` is given.
 
     python bench/plot.py [--results bench/results] [--out bench/results/performance.png]
 
@@ -77,6 +79,21 @@ def train_panel(ax, data: dict) -> None:
     detail = f"{data.get('model', '')}, batch {data.get('batch', '?')}, {data.get('threads', '?')} threads"
     ax.set_title(f"Training throughput\n{detail}", fontsize=10)
     ax.tick_params(axis="x", labelsize=8)
+
+
+def step_panel(ax, data: dict) -> None:
+    """The identity job's training step, session 3's against each session-4 change added (bench/train_step.py)."""
+    results = data["results"]
+    names = list(results)
+    values = [results[n]["s_per_step"] for n in names]
+    bars = ax.bar(range(len(names)), values, color=[color(n) if n == "selfcog" else "#8fbde0" for n in names])
+    bars[0].set_color("#9a9a9a")
+    label_bars(ax, bars, [f"{v:.2f} s\n{results[n]['vs_session_3']:.2f}x" for n, v in zip(names, values)])
+    ax.set_xticks(range(len(names)), names, fontsize=8, rotation=15)
+    headroom(ax, values, 1.3)
+    ax.set_ylabel("seconds per training step (median)")
+    ax.set_title(f"`selfcog run` training step\n{data.get('tokens_per_step', '?'):.0f} tokens/step, "
+                 f"{data.get('threads', '?')} threads, interleaved", fontsize=10)
 
 
 def generation_tokens_panel(ax, data: dict) -> None:
@@ -170,6 +187,11 @@ def identity_panel(ax, data: dict) -> None:
         title += f"\nwhole seed recipe ~{max(v for v, p in zip(values, projected) if p) / mine:.0f}x selfcog's time"
     elif mine and "seed-recipe" in results:
         title += f"\nseed recipe {results['seed-recipe']['train_seconds'] / mine:.1f}x selfcog's time"
+    goal = data.get("goal_seconds")
+    if isinstance(goal, (int, float)):
+        ax.axhline(goal, color="#c0392b", linestyle="--", linewidth=1)
+        ax.annotate(f"goal {goal:.0f} s", (0.5, goal), xytext=(0, 3), textcoords="offset points", ha="center",
+                    va="bottom", fontsize=8, color="#c0392b", bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
     ax.set_title(title, fontsize=10)
 
 
@@ -185,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     train = load(folder / "train_throughput.json")
     if train:
         panels.append(("training", train_panel, train))
+    step = load(folder / "train_step.json")
+    if step:
+        panels.append(("training step", step_panel, step))
     generation = load(folder / "generation.json")
     if generation:
         panels += [("generation tokens/s", generation_tokens_panel, generation),
@@ -196,9 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nothing to plot: no results in {folder}", file=sys.stderr)
         return 1
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False)
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 4.6 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_axis_off()
     drawn = []
-    for ax, (name, draw, data) in zip(axes[0], panels):
+    for ax, (name, draw, data) in zip(axes.flat, panels):
         try:
             draw(ax, data)
             drawn.append(name)
