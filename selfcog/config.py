@@ -127,6 +127,10 @@ class TrainArgs:
     """`selfcog train`: also write TensorBoard logs to WORK_DIR/runs/ (needs `pip install tensorboard`)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% slower."""
+    liger_kernel: bool = False
+    """CUDA only (needs `pip install liger-kernel`): Liger's Triton kernels for RMSNorm, SwiGLU and RoPE, through
+    the Trainer's `use_liger_kernel`. Its fused linear cross-entropy stays off: selfcog computes the LM head and
+    the loss at loss positions itself."""
     deepspeed: str = ""
     """A DeepSpeed JSON config (ZeRO-2/3, e.g. examples/deepspeed_zero2.json) passed to the Trainer
     (`selfcog train` only; needs CUDA and `pip install deepspeed`); empty means off."""

@@ -51,6 +51,20 @@ def wait_for_everyone() -> None:
         torch.distributed.barrier()
 
 
+def liger_args(enabled: bool) -> dict:
+    """TrainingArguments for `train.liger_kernel`; one line naming the setting and the reason where it cannot run."""
+    if not enabled:
+        return {}
+    if not torch.cuda.is_available():
+        raise SelfcogError("train.liger_kernel: Liger's kernels are Triton kernels for CUDA GPUs and none is visible; "
+                           "unset it on this machine")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise SelfcogError("train.liger_kernel: liger-kernel is not installed (pip install liger-kernel)")
+    # Liger's fused linear cross-entropy replaces the model's forward to compute a loss from `labels`; selfcog
+    # computes its own loss from the logits at loss positions, so only the layer kernels are swapped in.
+    return {"use_liger_kernel": True, "liger_kernel_config": {"fused_linear_cross_entropy": False}}
+
+
 def check_deepspeed(path: str) -> None:
     """`train.deepspeed`: one line naming the setting and the reason, before any model is loaded."""
     if not path:

@@ -20,6 +20,7 @@ from selfcog.data.formats import deduplicate, load_conversations
 from selfcog.data.identity import Persona, check_name, dumps, identity_records
 from selfcog.data.preserve import preservation_conversations
 from selfcog.data.tokenize import build_examples
+from selfcog.distributed import liger_args
 from selfcog.errors import SelfcogError
 from selfcog.evaluate import Scores, score, with_retention
 from selfcog.export import save_merged
@@ -57,6 +58,7 @@ def identity_data(config: RunConfig, out: Path) -> list[list[dict]]:
 def run(config: RunConfig) -> Path:
     """Give the base model NAME's identity; returns the output directory holding merged/, report.md, metrics.json."""
     check_name(config.data.name)
+    liger_args(config.train.liger_kernel)  # fails in one line before any slow work
     out = prepare_out(Path(config.out))
     name = config.data.name
     timings: dict[str, float] = {}

@@ -413,6 +413,8 @@ def fmt(value) -> str:
 
 
 def training_args(config: RunConfig, work_dir: Path) -> TrainingArguments:
+    from selfcog.distributed import liger_args
+
     t = config.train
     return TrainingArguments(
         output_dir=str(work_dir), per_device_train_batch_size=t.batch_size,
@@ -421,6 +423,7 @@ def training_args(config: RunConfig, work_dir: Path) -> TrainingArguments:
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps,
         save_strategy="no", report_to=[], bf16=use_bf16(t.bf16), use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, seed=t.seed, data_seed=t.seed, remove_unused_columns=False,
+        **liger_args(t.liger_kernel),
     )
 
 
@@ -536,7 +539,7 @@ def total_steps(config: RunConfig, n_items: int, processes: int = 1) -> int:
 
 
 def engine_args(config: RunConfig, work_dir: Path, n_items: int, processes: int = 1) -> TrainingArguments:
-    from selfcog.distributed import ddp_backend
+    from selfcog.distributed import ddp_backend, liger_args
 
     t = config.train
     # `activation_checkpointing` is the newer transformers name of `gradient_checkpointing`.
@@ -559,6 +562,7 @@ def engine_args(config: RunConfig, work_dir: Path, n_items: int, processes: int 
         # torchrun: gloo between CPU processes (NCCL on GPUs by default). Every LoRA weight takes part in every
         # forward, so DDP's search for unused ones would only cost time (and clash with activation checkpointing).
         ddp_backend=ddp_backend(), ddp_find_unused_parameters=False, deepspeed=t.deepspeed or None,
+        **liger_args(t.liger_kernel),
     )
 
 
@@ -720,12 +724,13 @@ def train_from_config(config: RunConfig, work_dir: Path, resume: bool = False) -
     data-parallel, and only the main process writes the work dir (config, log, sample chats, adapter).
     """
     from selfcog.data.tokenize import build_examples
-    from selfcog.distributed import check_deepspeed, join_processes, wait_for_everyone
+    from selfcog.distributed import check_deepspeed, join_processes, liger_args, wait_for_everyone
     from selfcog.errors import SelfcogError
     from selfcog.models import load_model
 
     work_dir = Path(work_dir)
     check_deepspeed(config.train.deepspeed)
+    liger_args(config.train.liger_kernel)  # fails in one line before any model is loaded
     state = join_processes()
     main = state.is_main_process
     say = log if main else (lambda message: None)

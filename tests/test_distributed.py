@@ -3,6 +3,7 @@ only rank 0 writes the work dir, and `train.deepspeed` fails in one line where i
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -16,6 +17,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from selfcog.cli import main
+from selfcog.errors import SelfcogError
 
 # Answers of different lengths: each process's micro-batch holds a different number of loss tokens.
 DATA = [{"conversation": [{"input": q, "output": a}]} for q, a in [
@@ -104,6 +106,31 @@ def test_deepspeed_without_cuda_is_one_line(tmp_path):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "train.deepspeed examples/deepspeed_zero2.json" in lines[0] and "CUDA" in lines[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize("verb", [["run", "--name", "Alice", "--model", "./never-loaded"], ["train", "CONFIG"]])
+def test_liger_kernel_without_cuda_is_one_line(tmp_path, verb):
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({"model": {"spec": "./never-loaded"},
+                                      "data": {"data_files": [str(tmp_path / "missing.json")]}}))
+    args = [str(config) if a == "CONFIG" else a for a in verb] + ["--out", str(tmp_path / "out")] * (verb[0] == "run")
+    result = CliRunner().invoke(main, args + ["--set", "train.liger_kernel=true"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].count("train.liger_kernel") == 1 and "CUDA" in lines[0]
+
+
+def test_liger_kernel_settings_for_the_trainer(monkeypatch):
+    from selfcog.distributed import liger_args
+
+    assert liger_args(False) == {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SelfcogError, match="pip install liger-kernel"):
+        liger_args(True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    assert liger_args(True) == {"use_liger_kernel": True, "liger_kernel_config": {"fused_linear_cross_entropy": False}}
 
 
 @pytest.mark.parametrize("installed, file, reason", [
