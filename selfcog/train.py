@@ -182,14 +182,15 @@ def freed_memory_kept():
 
     glibc serves each allocation above its mmap threshold (32 MiB at most) with a fresh mmap and unmaps it on
     free, so every step's [rows, vocab] logits, their gradient and the larger activations are page-faulted in
-    anew: ~30 ms per 70 MB matrix on this 2-core machine, 13% of a training step on the embedded model. With
-    mmap off and heap trimming deferred, freed blocks are simply reused. Afterwards glibc's defaults come back
-    and the heap is trimmed, so the memory is returned once training ends. A no-op where the C library has no
-    `mallopt` (not glibc).
+    anew: ~30 ms per 70 MB matrix on this 2-core machine (bench/train_step.py measures the step). With mmap off
+    and heap trimming deferred, freed blocks are simply reused. Afterwards glibc's defaults come back and the
+    heap is trimmed, so the memory is returned once training ends. A no-op where the C library has no `mallopt`
+    (not glibc), and where the environment already tunes malloc (MALLOC_* or GLIBC_TUNABLES): that choice stands.
     """
     libc = ctypes.CDLL(None)
     mallopt, trim = getattr(libc, "mallopt", None), getattr(libc, "malloc_trim", None)
-    if mallopt is None or trim is None:
+    tuned = any(key.startswith("MALLOC_") for key in os.environ) or "malloc" in os.environ.get("GLIBC_TUNABLES", "")
+    if mallopt is None or trim is None or tuned:
         yield
         return
     m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from selfcog.cli import main
 from selfcog.errors import SelfcogError
+from conftest import assert_adapters_agree
 
 # Answers of different lengths: each process's micro-batch holds a different number of loss tokens.
 DATA = [{"conversation": [{"input": q, "output": a}]} for q, a in [
@@ -79,8 +80,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_model_d
     assert max(b[k].abs().max() for k in b if "lora_B" in k) > 1e-3  # training moved the adapter off its init
     delta = max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"max |adapter delta| 2 processes x batch 1 vs 1 process x batch 2: {delta:.3g}")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    assert_adapters_agree(a, b)
     # The logged losses are the global batch's too.
     logged = [[e["loss"] for e in map(json.loads, (w / "log.jsonl").read_text().splitlines()) if "loss" in e]
               for w in (two, one)]
