@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import cpu_name
+from machine import cpu_features, cpu_name
 from transformers.generation.streamers import BaseStreamer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
               "max_new_tokens": args.max_new_tokens, "stop": args.stop, "repeats": args.repeats,
               "prompts": len(conversations), "prompt_tokens": [len(i) for i in prompt_ids], "threads": args.threads,
               "threads_in_worker_thread": thread_torch_threads(), "cpu_count": os.cpu_count(), "cpu": cpu_name(),
+              "cpu_features": cpu_features(),
               "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
               "python": platform.python_version(), "torch": torch.__version__,
               "transformers": __import__("transformers").__version__,

@@ -2,8 +2,9 @@
 
 Reads from `--results` (default bench/results/), skipping any panel whose file is missing or unreadable:
 
-- `train_throughput.json` (bench/train_throughput.py): training tokens/s per trainer, each bar annotated
-  with its speed-up over the plain HF `Trainer` + PEFT baseline ("N.Nx");
+- `train_throughput.json` and `train_throughput_bf16.json` (bench/train_throughput.py, fp32 and `--bf16`):
+  training tokens/s per trainer, each bar annotated with its speed-up over the plain HF `Trainer` + PEFT
+  baseline ("N.Nx");
 - `generation.json` (bench/generation.py): decode and overall tokens/s of selfcog's streaming generator
   against bare `model.generate`, and their time to first token;
 - `train_step.json` (bench/train_step.py): seconds per step of `selfcog run`'s training, session 3's step against
@@ -76,7 +77,8 @@ def train_panel(ax, data: dict) -> None:
     label_bars(ax, bars, labels)
     headroom(ax, values)
     ax.set_ylabel("training tokens/s")
-    detail = f"{data.get('model', '')}, batch {data.get('batch', '?')}, {data.get('threads', '?')} threads"
+    detail = f"{data.get('model', '')}, {data.get('precision', 'fp32')}, batch {data.get('batch', '?')}, " \
+             f"{data.get('threads', '?')} threads"
     ax.set_title(f"Training throughput\n{detail}", fontsize=10)
     ax.tick_params(axis="x", labelsize=8)
 
@@ -144,13 +146,13 @@ def identity_panel(ax, data: dict) -> None:
     """Measured training seconds per recipe; for the seed recipe (stopped early: the whole of it takes hours
     on a CPU) also its whole token budget at its measured token rate, drawn hatched as a projection."""
     results = data["results"]
-    names = [n for n in ("selfcog", "seed-recipe") if n in results] + \
-        [n for n in results if n not in ("selfcog", "seed-recipe")]
+    names = sorted(results, key=lambda n: (n != "selfcog", n == "seed-recipe"))  # selfcog, its variants, seed
     labels, values, texts, projected = [], [], [], []
     for n in names:
         r = results[n]
         steps = f"\n({r['steps']} of {r['recipe_steps']} steps)" if "recipe_steps" in r and "steps" in r else ""
-        labels.append(n + steps)
+        precision = "\n(bf16 autocast)" if r.get("bf16_autocast") else ""
+        labels.append(n + steps + precision)
         values.append(r["train_seconds"])
         parts = [duration(r["train_seconds"])]
         for key in ("identity", "retention"):
@@ -189,9 +191,8 @@ def identity_panel(ax, data: dict) -> None:
         title += f"\nseed recipe {results['seed-recipe']['train_seconds'] / mine:.1f}x selfcog's time"
     goal = data.get("goal_seconds")
     if isinstance(goal, (int, float)):
-        ax.axhline(goal, color="#c0392b", linestyle="--", linewidth=1)
-        ax.annotate(f"goal {goal:.0f} s", (0.5, goal), xytext=(0, 3), textcoords="offset points", ha="center",
-                    va="bottom", fontsize=8, color="#c0392b", bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+        ax.axhline(goal, color="#c0392b", linestyle="--", linewidth=1, label=f"goal: {goal:.0f} s of training")
+        ax.legend(loc="upper left", fontsize=8, frameon=False)
     ax.set_title(title, fontsize=10)
 
 
@@ -207,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     train = load(folder / "train_throughput.json")
     if train:
         panels.append(("training", train_panel, train))
+    train_bf16 = load(folder / "train_throughput_bf16.json")
+    if train_bf16:
+        panels.append(("training bf16", train_panel, train_bf16))
     step = load(folder / "train_step.json")
     if step:
         panels.append(("training step", step_panel, step))
@@ -236,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
             ax.set_axis_off()
             ax.text(0.5, 0.5, f"{name}:\nunreadable results", ha="center", va="center", transform=ax.transAxes)
         ax.spines[["top", "right"]].set_visible(False)
-    fig.suptitle("selfcog performance", fontsize=12)
+    machine = next((p[2] for p in panels if p[2].get("cpu_features")), {})
+    where = f" — {machine['cpu']} ({machine['cpu_features']})" if machine.get("cpu") else ""
+    fig.suptitle(f"selfcog performance{where}", fontsize=12)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

@@ -12,6 +12,7 @@
 
     python bench/time_to_identity.py [--name 伍鲜同志] [--seed-steps 1] [--threads 2]
     python bench/time_to_identity.py --seed-steps 0     # rerun selfcog only; keep the stored seed-recipe result
+    python bench/time_to_identity.py --compare-fp32     # and selfcog again without bf16 autocast (train.bf16=false)
 """
 
 from __future__ import annotations
@@ -24,14 +25,16 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_features, cpu_name
 
 
-def selfcog_run(name: str, out: Path) -> dict:
+def selfcog_run(name: str, out: Path, bf16: str = "auto") -> dict:
     from selfcog.config import RunConfig
     from selfcog.run import run
+    from selfcog.train import use_bf16
 
     config = RunConfig()
-    config.data.name, config.out = name, str(out)
+    config.data.name, config.out, config.train.bf16 = name, str(out), bf16
     began = time.perf_counter()
     run(config)
     wall = time.perf_counter() - began
@@ -45,7 +48,7 @@ def selfcog_run(name: str, out: Path) -> dict:
             "train_seconds": round(seconds, 1), "prepare_seconds": training["prepare_seconds"],
             "train_seconds_with_dev_checks": round(seconds + training["dev_check_seconds"], 1),
             "tokens_per_s": round(training["tokens_trained"] / seconds, 1),
-            "run_seconds": round(wall, 1), **scores(metrics["tuned"])}
+            "run_seconds": round(wall, 1), "bf16_autocast": use_bf16(bf16), **scores(metrics["tuned"])}
 
 
 def scores(summary: dict) -> dict:
@@ -98,35 +101,48 @@ def seed_recipe(name: str, steps: int, work: Path) -> dict:
             **scores(result.summary())}
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", default="伍鲜同志")
     parser.add_argument("--seed-steps", type=int, default=1,
                         help="optimizer steps of the seed recipe; 0 keeps the seed-recipe result already in --out")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compare-fp32", action="store_true",
+                        help="run selfcog a second time with train.bf16=false (where `auto` turns bf16 on)")
     parser.add_argument("--out", default="bench/results/time_to_identity.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    earlier = None
+    if args.seed_steps == 0:  # its one step takes ~5 minutes and does not change with selfcog's defaults
+        try:  # read before the run, so a missing row stops the script at once, not after minutes of training
+            earlier = json.loads(Path(args.out).read_text())["results"]["seed-recipe"]
+        except (OSError, ValueError, KeyError) as err:
+            print(f"{args.out}: no seed-recipe row to keep with --seed-steps 0 ({err!r}); run --seed-steps 1 once",
+                  file=sys.stderr)
+            return 2
     with tempfile.TemporaryDirectory() as work:
         results = {"selfcog": selfcog_run(args.name, Path(work) / "run")}
-        if args.seed_steps > 0:
+        if args.compare_fp32:
+            results["selfcog-fp32"] = selfcog_run(args.name, Path(work) / "run-fp32", bf16="false")
+        if earlier is None:
             results["seed-recipe"] = seed_recipe(args.name, args.seed_steps, Path(work))
-        else:  # its one step takes ~5 minutes and does not change with selfcog's defaults
-            earlier = json.loads(Path(args.out).read_text())["results"]["seed-recipe"]
+        else:
             results["seed-recipe"] = {**earlier, "measured": earlier.get("measured", "an earlier run of this script")}
-    report = {"name": args.name, "threads": args.threads, "goal_seconds": 60, "results": results}
+    report = {"name": args.name, "threads": args.threads, "cpu": cpu_name(), "cpu_features": cpu_features(),
+              "goal_seconds": 60, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
     print(markdown(report))
+    return 0
 
 
 def markdown(report: dict) -> str:
-    s, r = report["results"]["selfcog"], report["results"]["seed-recipe"]
+    r = report["results"]["seed-recipe"]
     return "\n".join([
         "| recipe | steps | tokens | train s | tokens/s | identity | retention | leakage |",
         "|---|---|---|---|---|---|---|---|",
-        f"| selfcog | {s['steps']} | {s['tokens']} | {s['train_seconds']} | {s['tokens_per_s']} | {s['identity']:.2f} | "
-        f"{s['retention']:.2f} | {s['leakage']:.2f} |",
+        *[f"| {k} | {s['steps']} | {s['tokens']} | {s['train_seconds']} | {s['tokens_per_s']} | {s['identity']:.2f} | "
+          f"{s['retention']:.2f} | {s['leakage']:.2f} |" for k, s in report["results"].items() if k != "seed-recipe"],
         f"| seed recipe, stopped | {r['steps']} of {r['recipe_steps']} | {r['tokens']} | {r['train_seconds']} | "
         f"{r['tokens_per_s']} | {r['identity']:.2f} | {r['retention']:.2f} | {r['leakage']:.2f} |",
         f"| seed recipe, whole | {r['recipe_steps']} | {r['budget_tokens']} | ~{r['budget_hours']} h at that rate | | | | |",

@@ -90,8 +90,10 @@ def session3_loss(trainer, model, inputs):
     return loss + trainer.kl_weight * topk_preservation_loss(tuned, base_logp[0, rows])
 
 
-def run_variant(variant: str, trainer, peft_model, initial: dict, batches: list[dict], frozen: int) -> dict:
-    """Train `batches` from the initial adapter; seconds and loss of every step."""
+def run_variant(variant: str, trainer, peft_model, initial: dict, batches: list[dict], frozen: int,
+                bf16: bool = False) -> dict:
+    """Train `batches` from the initial adapter; seconds and loss of every step (forward under bf16 autocast where
+    `selfcog run` would use it: `train.bf16=auto` on a CPU with native bf16)."""
     import selfcog.train as train
     from selfcog.attention import packed_attention
 
@@ -105,7 +107,8 @@ def run_variant(variant: str, trainer, peft_model, initial: dict, batches: list[
     with packed_attention(peft_model), kept:
         for batch in batches:
             began = time.perf_counter()
-            loss = loss_of(trainer, peft_model, dict(batch))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_of(trainer, peft_model, dict(batch))
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -124,10 +127,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from machine import cpu_name
+    from machine import cpu_features, cpu_name
 
     from selfcog.data.tokenize import pack_batch, sample_tokens
-    from selfcog.train import PreservingTrainer, add_lora, training_args
+    from selfcog.train import PreservingTrainer, add_lora, training_args, use_bf16
 
     config, model, examples, frozen = identity_job_examples(args.name)
     torch.manual_seed(config.train.seed)
@@ -144,13 +147,14 @@ def main() -> None:
     for round_ in range(args.rounds):
         order = VARIANTS if round_ % 2 == 0 else VARIANTS[::-1]
         for variant in order:
-            result = run_variant(variant, trainer, peft_model, initial, batches, frozen)
+            result = run_variant(variant, trainer, peft_model, initial, batches, frozen, use_bf16(config.train.bf16))
             timed[variant] += result["seconds"][1:]  # the first step warms up
             losses[variant] = result["losses"]
             print(f"round {round_ + 1}: {variant}: {statistics.median(result['seconds'][1:]):.3f} s/step, "
                   f"losses {result['losses']}", flush=True)
     reference = timed["session-3"]
-    report = {"name": args.name, "threads": args.threads, "cpu": cpu_name(), "steps_timed": args.rounds * args.steps,
+    report = {"name": args.name, "threads": args.threads, "cpu": cpu_name(), "cpu_features": cpu_features(),
+              "bf16_autocast": use_bf16(config.train.bf16), "steps_timed": args.rounds * args.steps,
               "batch_size": config.train.batch_size, "tokens_per_step": round(statistics.mean(tokens), 1),
               "frozen_layers": frozen,
               "results": {v: {"s_per_step": round(statistics.median(timed[v]), 3),

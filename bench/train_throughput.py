@@ -16,11 +16,19 @@ them alike. A step is timed from one `on_step_end` to the next (data loading, co
 optimizer all included); the first step of each round is a warm-up and not counted. Tokens are real
 (non-pad) tokens: every sample's full length, the shared prefix counted once per sample.
 
-Also measured: the fp32 matmul peak of this machine (a 2048^3 matmul), model FLOP utilisation
-(4 x matmul parameters incl. the LM head per real token: forward plus the backward pass to the activations),
-and each contender's peak RSS in a subprocess of its own.
+Also measured: the fp32 matmul peak of this machine (a 2048^3 matmul), each contender's peak RSS in a subprocess
+of its own, and FLOP utilisation against that peak two ways (4 x parameters per token: forward plus the backward
+pass to the activations; the LoRA matrices' own few FLOPs left out):
+- `mfu` (model FLOP utilisation): the FLOPs a plain implementation spends on the real tokens — every layer and
+  the LM head at every real token. Work a contender skips (padding, the repeated system prompt, LM head rows
+  without loss) raises it, so it can pass 100%.
+- `mfu_executed` (hardware utilisation): the FLOPs the contender's matmuls actually run — the body over every
+  position of its rows (pads, and the shared prefix once), the LM head over the rows it computes.
 
-    python bench/train_throughput.py [--model smollm2-135m] [--rounds 3] [--steps 5] [--threads 2]
+With `--bf16` every contender trains under bf16 autocast (the Trainer's `bf16=True`; both the same) and MFU is
+taken against the bf16 matmul peak: worth it only on a CPU with native bf16 (AVX512-BF16 or AMX).
+
+    python bench/train_throughput.py [--model smollm2-135m] [--rounds 3] [--steps 5] [--threads 2] [--bf16]
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import cpu_name, matmul_peak
+from machine import cpu_features, cpu_name, matmul_peak
 from transformers import TrainerCallback
 
 CONTENDERS = ("hf-peft", "selfcog", "selfcog-noshare")
@@ -60,27 +68,31 @@ class StepClock(TrainerCallback):
     def __init__(self):
         self.marks: list[float] = []
         self.tokens: list[int] = []
+        self.positions: list[tuple[int, int]] = []  # per step: (positions through the body, LM head rows)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.marks.append(time.perf_counter())
         self.tokens.append(-1)  # round boundary: the next step is a warm-up
+        self.positions.append((0, 0))
 
     def on_step_end(self, args, state, control, **kwargs):
         self.marks.append(time.perf_counter())
 
 
-def counted(trainer_cls, count_tokens, clock: StepClock):
-    """A subclass of `trainer_cls` whose `training_step` records each batch's real tokens."""
+def counted(trainer_cls, count_tokens, head_rows, clock: StepClock):
+    """A subclass of `trainer_cls` whose `training_step` records each batch's real tokens, its positions and the
+    rows its LM head computes."""
 
     class Counted(trainer_cls):
         def training_step(self, model, inputs, num_items_in_batch=None):
             clock.tokens.append(count_tokens(inputs))
+            clock.positions.append((inputs["input_ids"].numel(), head_rows(inputs)))
             return super().training_step(model, inputs, num_items_in_batch)
 
     return Counted
 
 
-def build(contender: str, model_spec: str, work: Path, batch: int, clock: StepClock):
+def build(contender: str, model_spec: str, work: Path, batch: int, clock: StepClock, bf16: bool = False):
     """A ready Trainer for `contender` (a fresh model each) and the list of its samples' lengths."""
     from functools import partial
 
@@ -97,7 +109,8 @@ def build(contender: str, model_spec: str, work: Path, batch: int, clock: StepCl
     examples, _ = build_examples(tokenizer, conversations, False, 512)
     config = RunConfig()
     config.train.batch_size, config.train.max_steps, config.train.kl_weight = batch, 10_000, 0.0
-    config.train.bf16, config.train.logging_steps, config.train.warmup_ratio = "false", 10_000, 0.0
+    config.train.bf16 = "true" if bf16 else "false"
+    config.train.logging_steps, config.train.warmup_ratio = 10_000, 0.0
     config.lora.top_layers = 0  # every layer, like the baseline's `all-linear`
     args = engine_args(config, work / contender, len(examples))
     torch.manual_seed(0)
@@ -106,12 +119,15 @@ def build(contender: str, model_spec: str, work: Path, batch: int, clock: StepCl
                           target_modules="all-linear", task_type="CAUSAL_LM")
         features = [{"input_ids": e["input_ids"], "labels": e["labels"], "attention_mask": [1] * len(e["input_ids"])}
                     for e in examples]
-        cls = counted(Trainer, lambda inputs: int(inputs["attention_mask"].sum()), clock)
+        cls = counted(Trainer, lambda inputs: int(inputs["attention_mask"].sum()),
+                      lambda inputs: inputs["input_ids"].numel(), clock)  # the model's logits: every position
         trainer = cls(model=get_peft_model(model, lora), args=args, train_dataset=features,
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100))
     else:
         collate = partial(pack_batch, share_prefix=contender == "selfcog")
-        cls = counted(PreservingTrainer, lambda inputs: sample_tokens(inputs["packed_lengths"]), clock)
+        # kl_weight 0: logits only where the next token carries loss (PreservingTrainer.compute_loss)
+        cls = counted(PreservingTrainer, lambda inputs: sample_tokens(inputs["packed_lengths"]),
+                      lambda inputs: int((inputs["labels"][..., 1:] != -100).sum()), clock)
         trainer = cls(model=add_lora(model, config), args=args, train_dataset=examples, data_collator=collate,
                       kl_weight=0.0)
     trainer.add_callback(clock)
@@ -123,9 +139,9 @@ def train_round(trainer, steps: int) -> None:
     trainer.train()
 
 
-def step_stats(clock: StepClock) -> dict:
-    """Tokens/s over counted steps (each round's first step is a warm-up)."""
-    times, tokens = [], []
+def step_stats(clock: StepClock, body_params: int = 0, head_params: int = 0) -> dict:
+    """Tokens/s over counted steps (each round's first step is a warm-up), and the matmul FLOPs they executed."""
+    times, tokens, flops = [], [], 0
     marks, counts = clock.marks, clock.tokens
     # marks: [begin, end1, end2, ..., begin, end1, ...]; tokens: [-1, t1, t2, ..., -1, t1, ...]
     for i in range(1, len(marks)):
@@ -133,22 +149,28 @@ def step_stats(clock: StepClock) -> dict:
             continue
         times.append(marks[i] - marks[i - 1])
         tokens.append(counts[i])
+        positions, head_rows = clock.positions[i]
+        flops += 4 * (body_params * positions + head_params * head_rows)
     return {"steps": len(times), "seconds": round(sum(times), 2), "tokens": sum(tokens),
-            "tokens_per_s": round(sum(tokens) / sum(times), 1), "s_per_step": round(sum(times) / len(times), 3)}
+            "tokens_per_s": round(sum(tokens) / sum(times), 1), "s_per_step": round(sum(times) / len(times), 3),
+            "executed_flops_per_s": flops / sum(times)}
 
 
-def matmul_params(model_spec: str) -> int:
-    """Parameters that take part in matmuls per token: every linear layer plus the LM head."""
+def matmul_params(model_spec: str) -> tuple[int, int]:
+    """Parameters that take part in matmuls per token: the body's linear layers, and the LM head."""
     from selfcog.models import load_model
 
     model, _ = load_model(model_spec, dtype=torch.float32)
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    head = model.get_output_embeddings()
+    body = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    return body, head.weight.numel()
 
 
 def peak_rss_of(contender: str, args) -> float:
     """Peak RSS (MiB) of a subprocess that trains only `contender` for a few steps."""
     out = subprocess.run([sys.executable, __file__, "--only", contender, "--model", args.model, "--threads",
-                          str(args.threads), "--batch", str(args.batch)], capture_output=True, text=True, check=True)
+                          str(args.threads), "--batch", str(args.batch)] + (["--bf16"] if args.bf16 else []),
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
 
 
@@ -156,7 +178,7 @@ def only(args) -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as work:
         clock = StepClock()
-        trainer, _ = build(args.only, args.model, Path(work), args.batch, clock)
+        trainer, _ = build(args.only, args.model, Path(work), args.batch, clock, args.bf16)
         train_round(trainer, 4)
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (larger) parent process.
     hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
@@ -172,26 +194,31 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--out", default="bench/results/train_throughput.json")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for every contender")
+    parser.add_argument("--out", default=None,
+                        help="default: bench/results/train_throughput.json (train_throughput_bf16.json with --bf16)")
     args = parser.parse_args()
+    args.out = args.out or f"bench/results/train_throughput{'_bf16' if args.bf16 else ''}.json"
     if args.only:
         return only(args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(args.threads)
     contenders = args.contenders.split(",")
-    peak = matmul_peak(args.threads)
-    flops_per_token = 4 * matmul_params(args.model)
+    peak = matmul_peak(args.threads, dtype=torch.bfloat16 if args.bf16 else torch.float32)
+    body_params, head_params = matmul_params(args.model)
+    flops_per_token = 4 * (body_params + head_params)
     results = {}
     with tempfile.TemporaryDirectory() as work:
         clocks = {c: StepClock() for c in contenders}
-        trainers = {c: build(c, args.model, Path(work), args.batch, clocks[c])[0] for c in contenders}
+        trainers = {c: build(c, args.model, Path(work), args.batch, clocks[c], args.bf16)[0] for c in contenders}
         for r in range(args.rounds):
             for c in contenders:
                 train_round(trainers[c], args.steps)
                 print(f"round {r + 1}: {c} {step_stats(clocks[c])}", file=sys.stderr)
         for c in contenders:
-            stats = step_stats(clocks[c])
+            stats = step_stats(clocks[c], body_params, head_params)
             stats["mfu"] = round(stats["tokens_per_s"] * flops_per_token / (peak * 1e9), 3)
+            stats["mfu_executed"] = round(stats.pop("executed_flops_per_s") / (peak * 1e9), 3)
             results[c] = stats
     for c in contenders:
         results[c]["peak_rss_mib"] = peak_rss_of(c, args)
@@ -199,19 +226,22 @@ def main() -> None:
     for c in contenders:
         if base:
             results[c]["speedup"] = round(results[c]["tokens_per_s"] / base, 2)
-    report = {"model": args.model, "threads": args.threads, "batch": args.batch, "rounds": args.rounds,
+    report = {"model": args.model, "precision": "bf16 autocast" if args.bf16 else "fp32", "threads": args.threads,
+              "batch": args.batch, "rounds": args.rounds,
               "steps_per_round": args.steps, "matmul_peak_gflops": round(peak, 1),
-              "model_flops_per_token": flops_per_token, "cpu": cpu_name(), "results": results}
+              "model_flops_per_token": flops_per_token, "cpu": cpu_name(), "cpu_features": cpu_features(),
+              "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(markdown(report))
 
 
 def markdown(report: dict) -> str:
-    lines = ["| trainer | tokens/s | s/step | MFU | peak RSS MiB | vs hf-peft |", "|---|---|---|---|---|---|"]
+    lines = ["| trainer | tokens/s | s/step | MFU (model) | MFU (executed) | peak RSS MiB | vs hf-peft |",
+             "|---|---|---|---|---|---|---|"]
     for c, r in report["results"].items():
-        lines.append(f"| {c} | {r['tokens_per_s']} | {r['s_per_step']} | {r['mfu']:.1%} | {r['peak_rss_mib']} | "
-                     f"{r.get('speedup', '-')}x |")
+        lines.append(f"| {c} | {r['tokens_per_s']} | {r['s_per_step']} | {r['mfu']:.1%} | {r['mfu_executed']:.1%} | "
+                     f"{r['peak_rss_mib']} | {r.get('speedup', '-')}x |")
     return "\n".join(lines)
 
 

@@ -72,6 +72,8 @@ def use_bf16(setting: str) -> bool:
 
     On a CPU without AVX512-BF16 or AMX, bf16 matmuls are emulated: measured here on an AVX2-only
     2-core machine, 0.55 GFLOP/s bf16 against 20 GFLOP/s fp32, so autocast would make training ~10x slower.
+    With AVX512-BF16 (a 2-core AVX-512 machine here) a 2048^3 matmul ran at 416 GFLOP/s bf16 against 134 fp32,
+    and training went 1.5-1.6x faster (bench/train_throughput.py --bf16).
     """
     value = str(setting).lower()
     if value in ("false", "0", "no", "off"):
