@@ -48,15 +48,6 @@ def build_tiny_model(vocab_size: int, seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
-def assert_adapters_agree(a: dict, b: dict, rel: float = 1e-2) -> None:
-    """Two trainings that compute the same gradients up to float rounding (summed in another order) end with the
-    same adapter per matrix, not per element: Adam divides each element's gradient by its own running scale, so
-    where a gradient is ~0 (lora_A while lora_B is still ~0) rounding noise becomes a step of ~lr either way."""
-    assert a.keys() == b.keys()
-    for name in a:
-        assert float((a[name] - b[name]).norm() / b[name].norm()) < rel, name
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved tiny random Llama chat model (2 layers, hidden 64) with a ChatML tokenizer."""

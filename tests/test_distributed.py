@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 
 from selfcog.cli import main
 from selfcog.errors import SelfcogError
-from conftest import assert_adapters_agree
 
 # Answers of different lengths: each process's micro-batch holds a different number of loss tokens.
 DATA = [{"conversation": [{"input": q, "output": a}]} for q, a in [
@@ -37,7 +36,8 @@ def write_config(tmp_path, model_dir, batch_size: int):
         "data": {"data_files": [str(tmp_path / "data.json")], "max_length": 64},
         "lora": {"r": 4, "alpha": 8},
         "train": {"learning_rate": 5e-3, "max_steps": STEPS, "batch_size": batch_size, "grad_accum": 1,
-                  "save_steps": 0, "logging_steps": 1, "kl_weight": 0.0, "seed": 7},
+                  "save_steps": 0, "logging_steps": 1, "kl_weight": 0.0, "seed": 7,
+                  "bf16": "false"},  # fp32 on every CPU: the runs must agree to fp32 rounding
         "eval": {"eval_steps": 0, "sample_steps": 2, "sample_inputs": ["Who are you?"], "sample_max_new_tokens": 3},
     }
     path = tmp_path / f"cfg-{batch_size}.yaml"
@@ -80,7 +80,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_model_d
     assert max(b[k].abs().max() for k in b if "lora_B" in k) > 1e-3  # training moved the adapter off its init
     delta = max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"max |adapter delta| 2 processes x batch 1 vs 1 process x batch 2: {delta:.3g}")
-    assert_adapters_agree(a, b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
     # The logged losses are the global batch's too.
     logged = [[e["loss"] for e in map(json.loads, (w / "log.jsonl").read_text().splitlines()) if "loss" in e]
               for w in (two, one)]

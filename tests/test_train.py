@@ -15,7 +15,6 @@ from selfcog.data.tokenize import build_examples, pack_batch, shared_prefix_leng
 from selfcog.frozen_layers import attach_bottom_hidden, reusable
 from selfcog.models import load_model
 from selfcog.templates import IGNORE_INDEX, encode_example, encode_prompt, render
-from conftest import assert_adapters_agree
 from selfcog.train import (GatheredLogProbs, PreservingTrainer, add_lora, attach_base_topk, fit, gathered_log_probs,
                            preservation_loss, topk_preservation_loss, training_args)
 
@@ -289,6 +288,7 @@ def test_fit_reusing_frozen_layers_trains_the_same_adapter(tiny_model_dir, tmp_p
     for reuse in (False, True):
         config = RunConfig()
         config.lora.top_layers, config.train.reuse_frozen_layers = 1, reuse
+        config.train.bf16 = "false"  # fp32 on every CPU (bf16 autocast where native): compared to fp32 rounding
         config.train.max_steps, config.train.batch_size, config.eval.eval_steps = 3, 3, 0
         (tmp_path / str(reuse)).mkdir()
         peft_model, summary = fit(config, load_model(str(tiny_model_dir))[0], tokenizer, examples + keep,
@@ -297,7 +297,9 @@ def test_fit_reusing_frozen_layers_trains_the_same_adapter(tiny_model_dir, tmp_p
         adapters[reuse] = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
         losses[reuse] = summary["train_loss"]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
-    assert_adapters_agree(adapters[True], adapters[False])  # the gradients agree to rounding: test above
+    assert adapters[True].keys() == adapters[False].keys()
+    for name, weight in adapters[True].items():
+        torch.testing.assert_close(weight, adapters[False][name], atol=1e-5, rtol=1e-4)
     assert any(w.abs().sum() > 0 for n, w in adapters[True].items() if "lora_B" in n)  # training moved it
 
 
