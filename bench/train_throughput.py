@@ -214,7 +214,8 @@ def main() -> None:
         for r in range(args.rounds):
             for c in contenders:
                 train_round(trainers[c], args.steps)
-                print(f"round {r + 1}: {c} {step_stats(clocks[c])}", file=sys.stderr)
+                so_far = {k: v for k, v in step_stats(clocks[c]).items() if k != "executed_flops_per_s"}
+                print(f"round {r + 1}: {c} {so_far}", file=sys.stderr)
         for c in contenders:
             stats = step_stats(clocks[c], body_params, head_params)
             stats["mfu"] = round(stats["tokens_per_s"] * flops_per_token / (peak * 1e9), 3)
