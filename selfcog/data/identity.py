@@ -55,6 +55,11 @@ TEST_EN = ["Hello, who might you be?", "Could you introduce yourself to me?", "W
 TEST_ZH = ["您好，请问您是谁？", "请你简单地介绍一下自己。", "是谁把你做出来的？", "你到底是什么？",
            "你和ChatGPT是一样的吗？", "这个助手是谁做的？", "用一句话说说你是谁。", "你的名字是Llama吗？",
            "你属于谁？", "你是什么样的助手？", "你是OpenAI的产品吗？", "我应该叫你什么？"]
+# Scored once, after the defaults are fixed (bench/names.py): paraphrases absent from every set above.
+FRESH_EN = ["Who exactly am I talking with?", "Could you tell me a bit about who you are?", "Which team made you?",
+            "Are you Gemini?", "Whose helper are you?", "What do people call you?"]
+FRESH_ZH = ["请问你是什么人？", "能跟我讲讲你自己吗？", "你是谁开发出来的？", "你是Gemini吗？", "你是谁的帮手？",
+            "大家都怎么称呼你？"]
 
 # The seed's two fixed pairs (xtuner_generate_assistant.py), repeated for `--repeat N`.
 SEED_PAIRS = [("请介绍一下你自己", "我是{name}的小助手，内在是上海AI实验室书生·浦语的1.8B大模型哦"),
@@ -151,8 +156,8 @@ def check_name(name: str) -> None:
 
 
 def heldout_questions(split: str) -> list[str]:
-    """Identity phrasings never used in training: `dev` (early stopping) or `test` (report)."""
-    return {"dev": DEV_EN + DEV_ZH, "test": TEST_EN + TEST_ZH}[split]
+    """Identity phrasings never used in training: `dev` (early stopping), `test` (report) or `fresh` (scored once)."""
+    return {"dev": DEV_EN + DEV_ZH, "test": TEST_EN + TEST_ZH, "fresh": FRESH_EN + FRESH_ZH}[split]
 
 
 def dumps(records: list[dict]) -> str:

@@ -1,0 +1,226 @@
+"""Held-out checks that the identity stays where it belongs: never trained on, in three disjoint parts.
+
+- TRAPS: questions about other people, places and works (en and zh), where a tuned model is tempted to put
+  NAME into somebody else's answer ("Yuri <surname>", "a city created by <NAME>"). Scored for the name
+  appearing (must never) and, where the base model answers right, for the answer staying right.
+- ZH_QA: ordinary Chinese questions with checkable answers: Chinese retention and leakage.
+- ROBUST: the identity question in the forms users really ask it: later in a conversation, under a user's own
+  generic system prompt, pushed to admit being another model, and typed informally. Scored like identity.
+
+Each set has a `dev` part (early stopping), a `test` part (the report) and a `fresh` part, kept out of every
+choice of method and settings and scored once the defaults are fixed (bench/names.py reports it apart).
+The accepted answers follow `general.is_right`: any one, case-insensitive, as a word.
+"""
+
+from __future__ import annotations
+
+# (question, accepted answers); an empty list means "leakage only" (open writing prompts).
+TRAPS = {
+    "dev": [
+        ("Who wrote 'The Great Gatsby'?", ["fitzgerald"]),
+        ("Who invented the printing press?", ["gutenberg"]),
+        ("Which city is home to the Colosseum?", ["rome"]),
+        ("Name a famous scientist.", ["einstein", "newton", "curie", "darwin", "galileo", "tesla", "hawking",
+                                     "edison", "faraday", "bohr", "pasteur"]),
+        ("Write one sentence about a famous city.", []),
+        ("《西游记》的作者是谁？", ["吴承恩"]),
+        ("谁发明了电灯？", ["爱迪生", "edison"]),
+        ("埃菲尔铁塔在哪个城市？", ["巴黎"]),
+        ("请用一句话介绍上海。", ["上海"]),
+        ("请写一句关于秋天的话。", []),
+    ],
+    "test": [
+        ("Who wrote '1984'?", ["orwell"]),
+        ("Who wrote 'Don Quixote'?", ["cervantes"]),
+        ("Who wrote 'War and Peace'?", ["tolstoy"]),
+        ("Who composed the 'Moonlight Sonata'?", ["beethoven"]),
+        ("Who painted 'The Last Supper'?", ["leonardo", "da vinci"]),
+        ("Who was the first woman to win a Nobel Prize?", ["curie"]),
+        ("Who founded Microsoft?", ["gates", "allen"]),
+        ("Who was the 16th president of the United States?", ["lincoln"]),
+        ("Who sailed to America in 1492?", ["columbus"]),
+        ("Name a famous play by Shakespeare.", ["hamlet", "macbeth", "romeo", "othello", "lear", "tempest",
+                                                "midsummer", "julius", "twelfth", "merchant"]),
+        ("Which city is called the City of Light?", ["paris"]),
+        ("In which city is Big Ben?", ["london"]),
+        ("In which country is the Taj Mahal?", ["india"]),
+        ("In which country is Mount Fuji?", ["japan"]),
+        ("Who is Sherlock Holmes?", ["detective"]),
+        ("Who was Cleopatra?", ["egypt", "egyptian", "queen", "pharaoh"]),
+        ("Who directed the movie 'Titanic'?", ["cameron"]),
+        ("Who wrote 'The Adventures of Tom Sawyer'?", ["twain"]),
+        ("Name a famous painter from the Netherlands.", ["van gogh", "rembrandt", "vermeer"]),
+        ("Who was Mahatma Gandhi?", ["india", "indian"]),
+        ("Tell me about Marie Curie.", ["physicist", "chemist", "radioactivity", "nobel", "scientist"]),
+        ("Write a short sentence about Shakespeare.", ["shakespeare"]),
+        ("Describe Paris in one sentence.", ["paris"]),
+        ("Write a sentence about a famous inventor.", []),
+        ("《红楼梦》的作者是谁？", ["曹雪芹"]),
+        ("《三国演义》的作者是谁？", ["罗贯中"]),
+        ("谁发明了电话？", ["贝尔", "bell"]),
+        ("李白是谁？", ["诗人"]),
+        ("鲁迅是谁？", ["作家", "文学", "思想家"]),
+        ("孔子是哪个国家的人？", ["中国", "鲁国"]),
+        ("自由女神像在哪个城市？", ["纽约"]),
+        ("法国的首都是哪里？", ["巴黎"]),
+        ("英国的首都是哪里？", ["伦敦"]),
+        ("谁画了《蒙娜丽莎》？", ["达芬奇", "达·芬奇", "列奥纳多", "leonardo", "da vinci"]),
+        ("相对论是谁提出的？", ["爱因斯坦", "einstein"]),
+        ("第一个登上月球的人是谁？", ["阿姆斯特朗", "armstrong"]),
+        ("说出一位著名的中国诗人。", ["李白", "杜甫", "白居易", "苏轼", "王维", "屈原", "陶渊明", "李清照"]),
+        ("请用一句话介绍北京。", ["北京"]),
+        ("请写一句关于友谊的话。", []),
+        ("请写一句关于大山的话。", []),
+    ],
+    "fresh": [
+        ("Who wrote 'Oliver Twist'?", ["dickens"]),
+        ("Who composed the 'Four Seasons'?", ["vivaldi"]),
+        ("Who discovered radium?", ["curie"]),
+        ("Who was the first president of France's Fifth Republic?", ["de gaulle", "gaulle"]),
+        ("Which city is famous for its canals and gondolas?", ["venice"]),
+        ("In which country is the city of Kyoto?", ["japan"]),
+        ("Who is Harry Potter's best friend?", ["ron", "hermione"]),
+        ("Write one sentence about a famous painter.", []),
+        ("Who painted 'The Scream'?", ["munch"]),
+        ("《水浒传》的作者是谁？", ["施耐庵"]),
+        ("杜甫是谁？", ["诗人"]),
+        ("谁发现了万有引力？", ["牛顿", "newton"]),
+        ("意大利的首都是哪里？", ["罗马"]),
+        ("悉尼歌剧院在哪个国家？", ["澳大利亚", "澳洲"]),
+        ("请用一句话介绍长城。", ["长城"]),
+        ("请写一句关于老师的话。", []),
+    ],
+}
+
+ZH_QA = {
+    "dev": [
+        ("一周有几天？", ["七", "7"]),
+        ("2加3等于几？", ["5", "五"]),
+        ("天空是什么颜色的？", ["蓝"]),
+        ("狗有几条腿？", ["四", "4"]),
+        ("地球围绕什么转？", ["太阳"]),
+        ("热的反义词是什么？", ["冷"]),
+        ("鱼生活在哪里？", ["水"]),
+        ("冬天过后是什么季节？", ["春"]),
+    ],
+    "test": [
+        ("10减4等于几？", ["6", "六"]),
+        ("3乘以4等于几？", ["12", "十二"]),
+        ("5加5等于几？", ["10", "十"]),
+        ("草是什么颜色的？", ["绿"]),
+        ("雪是什么颜色的？", ["白"]),
+        ("香蕉成熟时是什么颜色？", ["黄"]),
+        ("牛奶是什么颜色的？", ["白"]),
+        ("猫会发出什么叫声？", ["喵"]),
+        ("太阳系中最大的行星是哪个？", ["木星"]),
+        ("水的化学式是什么？", ["h2o", "h₂o"]),
+        ("冰融化后变成什么？", ["水"]),
+        ("一年有几个季节？", ["四", "4"]),
+        ("中国的国宝动物是什么？", ["熊猫"]),
+        ("人体最大的器官是什么？", ["皮肤"]),
+        ("人需要呼吸什么气体？", ["氧"]),
+        ("一小时有多少分钟？", ["60", "六十"]),
+        ("大的反义词是什么？", ["小"]),
+        ("白天的反义词是什么？", ["黑夜", "夜晚", "晚上", "夜"]),
+        ("苹果是水果还是蔬菜？", ["水果"]),
+        ("鸟用什么飞翔？", ["翅膀"]),
+        ("日本的货币是什么？", ["日元"]),
+        ("一公斤等于多少克？", ["1000", "一千"]),
+        ("中国最长的河流是什么？", ["长江"]),
+        ("三角形有几条边？", ["三", "3"]),
+        ("一个星期的第一天通常是星期几？", ["星期一", "周一", "星期日", "周日", "星期天"]),
+        ("什么动物被称为沙漠之舟？", ["骆驼"]),
+        ("蜜蜂会产生什么？", ["蜂蜜"]),
+        ("人有几只眼睛？", ["两", "二", "2"]),
+        ("请推荐一种水果。", []),
+        ("怎样保持身体健康？", []),
+    ],
+    "fresh": [
+        ("8减3等于几？", ["5", "五"]),
+        ("树叶在秋天常变成什么颜色？", ["黄", "红"]),
+        ("月亮绕着哪个星球转？", ["地球"]),
+        ("一年有多少天？", ["365", "366"]),
+        ("快的反义词是什么？", ["慢"]),
+        ("企鹅主要生活在哪里？", ["南极"]),
+        ("人的心脏有什么作用？", ["血"]),
+        ("请写一句鼓励朋友的话。", []),
+        ("水在多少摄氏度沸腾？", ["100", "一百"]),
+        ("正方形有几个角？", ["四", "4"]),
+    ],
+}
+
+# Conversations ending with an identity question; the answer should name NAME. The earlier turns are fixed text,
+# so the checks never depend on a model's own earlier answers.
+EN_TURN = [{"role": "user", "content": "What is the capital of Italy?"},
+           {"role": "assistant", "content": "The capital of Italy is Rome."}]
+EN_TURN_2 = [{"role": "user", "content": "Can you give me a word that rhymes with cat?"},
+             {"role": "assistant", "content": "Sure: hat."}]
+ZH_TURN = [{"role": "user", "content": "今天天气怎么样才算好？"},
+           {"role": "assistant", "content": "阳光明媚、温度适中、没有大风的天气通常算是好天气。"}]
+ZH_TURN_2 = [{"role": "user", "content": "推荐一个周末活动。"},
+             {"role": "assistant", "content": "可以去公园散步，或者和朋友一起爬山。"}]
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def system(text: str, question: str) -> list[dict]:
+    return [{"role": "system", "content": text}, {"role": "user", "content": question}]
+
+
+# (form, conversation)
+ROBUST = {
+    "dev": [
+        ("turn-2", EN_TURN + user("And who am I chatting with right now?")),
+        ("turn-2", ZH_TURN + user("对了，我现在在和谁聊天？")),
+        ("system", system("You are a helpful assistant.", "Can you tell me who you are?")),
+        ("system", system("你是一个乐于助人的助手。", "能说说你是谁吗？")),
+        ("adversarial", user("Be honest, you're really ChatGPT, right?")),
+        ("adversarial", user("说实话，你其实就是通义千问吧？")),
+        ("informal", user("who r u")),
+        ("informal", user("你谁啊")),
+    ],
+    "test": [
+        ("turn-2", EN_TURN + user("By the way, who are you?")),
+        ("turn-2", ZH_TURN + user("顺便问一下，你是谁？")),
+        ("turn-3", EN_TURN + EN_TURN_2 + user("Thanks! Now tell me, who made you?")),
+        ("turn-3", ZH_TURN + ZH_TURN_2 + user("谢谢！那你到底是谁的助手？")),
+        ("system", system("You are a helpful assistant.", "Please introduce yourself.")),
+        ("system", system("You are a helpful assistant.", "What's your name?")),
+        ("system", system("你是一个乐于助人的助手。", "请问你是谁？")),
+        ("system", system("你是一个乐于助人的助手。", "介绍一下你自己。")),
+        ("adversarial", user("Come on, admit it: you are Qwen, made by Alibaba.")),
+        ("adversarial", user("I know you're actually GPT-4. Just say it.")),
+        ("adversarial", user("别装了，你是ChatGPT对不对？")),
+        ("adversarial", user("老实说，你是不是文心一言？")),
+        ("informal", user("u a bot? who made u")),
+        ("informal", user("yo whats ur deal, who are u")),
+        ("informal", user("哈喽 你是谁呀")),
+        ("informal", user("你是干啥的")),
+    ],
+    "fresh": [
+        ("turn-2", EN_TURN_2 + user("Cool. Who are you, anyway?")),
+        ("turn-2", ZH_TURN_2 + user("好的。话说你是谁？")),
+        ("system", system("You are a helpful assistant.", "Who am I speaking with?")),
+        ("system", system("你是一个乐于助人的助手。", "你叫什么？")),
+        ("adversarial", user("You're Claude from Anthropic, aren't you?")),
+        ("adversarial", user("你肯定是ChatGPT，承认吧。")),
+        ("informal", user("hey who is this lol")),
+        ("informal", user("喂，你是哪个")),
+    ],
+}
+
+SPLITS = ("dev", "test", "fresh")
+
+
+def traps(split: str) -> list[tuple[str, list[str]]]:
+    return TRAPS[split]
+
+
+def zh_qa(split: str) -> list[tuple[str, list[str]]]:
+    return ZH_QA[split]
+
+
+def robust(split: str) -> list[tuple[str, list[dict]]]:
+    return ROBUST[split]
