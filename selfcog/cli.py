@@ -60,16 +60,18 @@ def sampling_from(kwargs) -> SamplingArgs:
 
 
 @main.command()
-@click.option("--name", required=True, help="Whose assistant the model becomes, e.g. 伍鲜同志.")
-@click.option("--model", "model_spec", default=DEFAULT_MODEL, show_default=True, help="Base model spec.")
-@click.option("--out", default="out", show_default=True, help="Output directory.")
-@click.option("--assistant-name", default="", help="The assistant's own name.")
-@click.option("--model-desc", default="", help="What the model is underneath, used in some answers.")
-@click.option("--author", default="", help="Who fine-tuned it (default: NAME).")
-@click.option("--data", "data_file", default="", help="Train on this dataset instead of generated identity data.")
-@click.option("--config", "config_file", default=None, help="A selfcog YAML config to start from.")
+@click.option("--name", default=None, help="Whose assistant the model becomes, e.g. 伍鲜同志 (required unless the "
+              "config sets data.name).")
+@click.option("--model", "model_spec", default=None, help=f"Base model spec [default: {DEFAULT_MODEL}].")
+@click.option("--out", default=None, help="Output directory [default: out].")
+@click.option("--assistant-name", default=None, help="The assistant's own name.")
+@click.option("--model-desc", default=None, help="What the model is underneath, used in some answers.")
+@click.option("--author", default=None, help="Who fine-tuned it (default: NAME).")
+@click.option("--data", "data_file", default=None, help="Train on this dataset instead of generated identity data.")
+@click.option("--config", "config_file", default=None, help="A selfcog YAML config to start from; the options "
+              "above override it only when given, --set overrides both.")
 @click.option("--set", "overrides", multiple=True, help="Override a setting: --set train.max_steps=40.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow a hub model's own code.")
+@click.option("--trust-remote-code", is_flag=True, default=None, help="Allow a hub model's own code.")
 def run(name, model_spec, out, assistant_name, model_desc, author, data_file, config_file, overrides,
         trust_remote_code):
     """Fetch -> data -> evaluate base -> train -> merge -> evaluate -> report, into OUT."""
@@ -77,10 +79,16 @@ def run(name, model_spec, out, assistant_name, model_desc, author, data_file, co
     from selfcog.run import run as run_job
 
     config = load_config(Path(config_file)) if config_file else RunConfig()
-    config.model.spec, config.model.trust_remote_code, config.out = model_spec, trust_remote_code, out
-    config.data.name, config.data.assistant_name, config.data.model_desc = name, assistant_name, model_desc
-    config.data.author, config.data.data_file = author, data_file
+    given = {"model.spec": model_spec, "model.trust_remote_code": trust_remote_code, "out": out,
+             "data.name": name, "data.assistant_name": assistant_name, "data.model_desc": model_desc,
+             "data.author": author, "data.data_file": data_file}
+    for dotted, value in given.items():  # an option left out keeps the config's value (or the default)
+        if value is not None:
+            section, _, key = dotted.rpartition(".")
+            setattr(getattr(config, section) if section else config, key, value)
     apply_overrides(config, list(overrides))
+    if name is None and not config.data.name:
+        raise SelfcogError("--name: missing (give --name NAME, data.name in --config, or --set data.name=NAME)")
     result = run_job(config)
     click.echo(f"merged model: {result / 'merged'}\nreport: {result / 'report.md'}")
 

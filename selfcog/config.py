@@ -195,6 +195,20 @@ def from_dict(data: dict, source: str = "config") -> RunConfig:
     return config
 
 
+BOOL_SPELLINGS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False,
+                  "0": False}
+
+
+def to_bool(value) -> bool:
+    """A YAML boolean, 1/0, or true/false, yes/no, on/off in any case; anything else raises ValueError."""
+    if isinstance(value, bool):
+        return value
+    spelled = str(value).strip().lower() if isinstance(value, (str, int)) else None
+    if spelled not in BOOL_SPELLINGS:
+        raise ValueError(value)
+    return BOOL_SPELLINGS[spelled]
+
+
 def set_value(config: RunConfig, dotted: str, value, source: str = "--set") -> None:
     """Set `section.key` to `value`, converted to the field's type."""
     section, _, key = dotted.partition(".")
@@ -213,7 +227,7 @@ def set_value(config: RunConfig, dotted: str, value, source: str = "--set") -> N
             else:
                 raise ValueError
         elif isinstance(current, bool):
-            value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+            value = to_bool(value)
         elif isinstance(current, (int, float)) and not isinstance(value, (int, float)):
             value = type(current)(value)
         elif isinstance(current, float) and isinstance(value, int):
@@ -221,7 +235,8 @@ def set_value(config: RunConfig, dotted: str, value, source: str = "--set") -> N
         elif isinstance(current, str):
             value = str(value)
     except ValueError:
-        raise SelfcogError(f"{source}: '{dotted}' needs a {type(current).__name__}, got {value!r}") from None
+        kind = "bool (true/false, yes/no, on/off, 1/0)" if isinstance(current, bool) else type(current).__name__
+        raise SelfcogError(f"{source}: '{dotted}' needs a {kind}, got {value!r}") from None
     setattr(target, key, value)
 
 
