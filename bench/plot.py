@@ -7,8 +7,8 @@ Reads from `--results` (default bench/results/), skipping any panel whose file i
   baseline ("N.Nx");
 - `generation.json` (bench/generation.py): decode and overall tokens/s of selfcog's streaming generator
   against bare `model.generate`, and their time to first token;
-- `train_step.json` (bench/train_step.py): seconds per step of `selfcog run`'s training, session 3's step against
-  each of session 4's changes added, with the paired speed-up;
+- `train_step.json` (bench/train_step.py): seconds per step of `selfcog run`'s training, the step before the
+  one-log-softmax change against each speed change added in turn, with the paired speed-up;
 - `time_to_identity.json` (bench/time_to_identity.py): training seconds, selfcog against the seed recipe,
   annotated with the identity and retention scores reached; where the seed recipe was stopped early and its
   `budget_tokens` is given, its whole budget at its measured token rate is drawn hatched (projected), on a
@@ -84,13 +84,13 @@ def train_panel(ax, data: dict) -> None:
 
 
 def step_panel(ax, data: dict) -> None:
-    """The identity job's training step, session 3's against each session-4 change added (bench/train_step.py)."""
+    """The identity job's training step, the first variant against each speed change added (bench/train_step.py)."""
     results = data["results"]
     names = list(results)
     values = [results[n]["s_per_step"] for n in names]
     bars = ax.bar(range(len(names)), values, color=[color(n) if n == "selfcog" else "#8fbde0" for n in names])
     bars[0].set_color("#9a9a9a")
-    label_bars(ax, bars, [f"{v:.2f} s\n{results[n]['vs_session_3']:.2f}x" for n, v in zip(names, values)])
+    label_bars(ax, bars, [f"{v:.2f} s\n{results[n]['speedup']:.2f}x" for n, v in zip(names, values)])
     ax.set_xticks(range(len(names)), names, fontsize=8, rotation=15)
     headroom(ax, values, 1.3)
     ax.set_ylabel("seconds per training step (median)")

@@ -1,12 +1,12 @@
-"""Where the identity job's training step time went in session 4: `selfcog run`'s own batches and adapter, trained
-by four variants interleaved in one process, so machine noise hits all of them alike.
+"""Where the identity job's training step time goes: `selfcog run`'s own batches and adapter, trained by four
+variants interleaved in one process, so machine noise hits all of them alike.
 
 Variants, each training a fresh copy of the same LoRA (same init, same batches: they reach the same losses):
 
-- `session-3`: the loss as session 3 computed it (kept below as `session3_loss`): the logits' row picked with `[0]`,
-  rows picked by boolean masks for the cross-entropy and for the KL, a log-softmax for each; every such step
-  allocates (and page-faults in) several [rows, vocab] matrices and zero-filled gradients; every decoder layer
-  runs in every step;
+- `per-term-log-softmax`: the loss before the one-log-softmax change (kept below as `per_term_log_softmax_loss`):
+  the logits' row picked with `[0]`, rows picked by boolean masks for the cross-entropy and for the KL, a
+  log-softmax for each; every such step allocates (and page-faults in) several [rows, vocab] matrices and
+  zero-filled gradients; every decoder layer runs in every step;
 - `+one-log-softmax`: `PreservingTrainer.compute_loss` as now, i.e. one chunked log-softmax gather
   (`selfcog.train.gathered_log_probs`) serving both terms, still every layer;
 - `+memory-kept`: and `selfcog.train.freed_memory_kept` around the steps (freed memory reused by the next step);
@@ -14,7 +14,8 @@ Variants, each training a fresh copy of the same LoRA (same init, same batches: 
   (stored states): what `selfcog run` does now.
 
 Reported per variant: median seconds per step (forward + backward + AdamW step), and the median over the same
-(round, batch) pairs of session-3's time / the variant's time; plus each variant's losses, which must agree.
+(round, batch) pairs of the first variant's time / the variant's time (`speedup`); plus each variant's losses,
+which must agree.
 
     python bench/train_step.py [--name 伍鲜同志] [--rounds 4] [--steps 6] [--threads 2]
 """
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("session-3", "+one-log-softmax", "+memory-kept", "selfcog")
+VARIANTS = ("per-term-log-softmax", "+one-log-softmax", "+memory-kept", "selfcog")
 
 
 def identity_job_examples(name: str):
@@ -64,8 +65,9 @@ def identity_job_examples(name: str):
     return config, model, attach_bottom_hidden(model, examples, frozen, fingerprint), frozen
 
 
-def session3_loss(trainer, model, inputs):
-    """PreservingTrainer.compute_loss as of session 3 (commit 93f8c45), stored top-k path; for comparison only."""
+def per_term_log_softmax_loss(trainer, model, inputs):
+    """PreservingTrainer.compute_loss before the one-log-softmax change (commit 93f8c45), stored top-k path; for
+    comparison only."""
     import torch.nn.functional as F
 
     from selfcog.attention import check_used, packed_layout
@@ -101,7 +103,7 @@ def run_variant(variant: str, trainer, peft_model, initial: dict, batches: list[
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=trainer.args.learning_rate, weight_decay=0.0)
     trainer.frozen_layers = frozen if variant == "selfcog" else 0
-    loss_of = session3_loss if variant == "session-3" else type(trainer).compute_loss
+    loss_of = per_term_log_softmax_loss if variant == VARIANTS[0] else type(trainer).compute_loss
     seconds, losses = [], []
     kept = train.freed_memory_kept() if variant in ("+memory-kept", "selfcog") else nullcontext()
     with packed_attention(peft_model), kept:
@@ -152,13 +154,13 @@ def main() -> None:
             losses[variant] = result["losses"]
             print(f"round {round_ + 1}: {variant}: {statistics.median(result['seconds'][1:]):.3f} s/step, "
                   f"losses {result['losses']}", flush=True)
-    reference = timed["session-3"]
+    reference = timed[VARIANTS[0]]
     report = {"name": args.name, "threads": args.threads, "cpu": cpu_name(), "cpu_features": cpu_features(),
               "bf16_autocast": use_bf16(config.train.bf16), "steps_timed": args.rounds * args.steps,
               "batch_size": config.train.batch_size, "tokens_per_step": round(statistics.mean(tokens), 1),
               "frozen_layers": frozen,
               "results": {v: {"s_per_step": round(statistics.median(timed[v]), 3),
-                              "vs_session_3": round(statistics.median(a / b for a, b in zip(reference, timed[v])), 3),
+                              "speedup": round(statistics.median(a / b for a, b in zip(reference, timed[v])), 3),
                               "tokens_per_s": round(statistics.mean(tokens) / statistics.median(timed[v]), 1),
                               "losses": losses[v]} for v in VARIANTS}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -167,9 +169,9 @@ def main() -> None:
 
 
 def markdown(report: dict) -> str:
-    lines = ["| variant | s/step (median) | tokens/s | speed vs session-3 (paired median) |", "|---|---|---|---|"]
+    lines = ["| variant | s/step (median) | tokens/s | speed vs per-term-log-softmax (paired median) |", "|---|---|---|---|"]
     for variant, r in report["results"].items():
-        lines.append(f"| {variant} | {r['s_per_step']} | {r['tokens_per_s']} | {r['vs_session_3']:.2f}x |")
+        lines.append(f"| {variant} | {r['s_per_step']} | {r['tokens_per_s']} | {r['speedup']:.2f}x |")
     return "\n".join(lines)
 
 

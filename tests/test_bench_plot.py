@@ -46,3 +46,13 @@ def test_plot_with_no_results_says_so(plot, tmp_path, capsys):
     assert plot.main(["--results", str(tmp_path)]) == 1
     assert "nothing to plot" in capsys.readouterr().err
     assert not (tmp_path / "performance.png").exists()
+
+
+@pytest.mark.parametrize("folder", ["", "avx2"])
+def test_plot_reads_the_stored_results(plot, tmp_path, capsys, folder):
+    """The committed results (bench/results/, bench/results/avx2/) carry every key the panels read."""
+    results = PLOT.parent / "results" / folder
+    assert plot.main(["--results", str(results), "--out", str(tmp_path / "figure.png")]) == 0
+    said = capsys.readouterr()
+    assert "skip panel" not in said.err
+    assert "training step" in said.out and "time to identity" in said.out
