@@ -297,17 +297,22 @@ def load_preset(name: str) -> RunConfig:
     return from_dict(yaml.safe_load(text), f"preset {name}")
 
 
-def resolve_train_config(source: str) -> RunConfig:
-    """`selfcog train`'s CONFIG: a selfcog YAML file, an XTuner .py config (warnings to stderr) or a preset name."""
+def resolve_train_config(source: str, verbose: bool = False) -> RunConfig:
+    """`selfcog train`'s CONFIG: a selfcog YAML file, an XTuner .py config or a preset name.
+
+    An XTuner config's import report goes to stderr: one line each for settings that change what is trained, and
+    one summary line naming the settings that need no action (`verbose`: one line each for those too)."""
     from selfcog.models import log
 
     path = Path(source)
     if path.suffix == ".py":
-        from selfcog.xtuner import load_xtuner_config
+        from selfcog.xtuner import load_xtuner_report
 
-        config, warnings = load_xtuner_config(path)
-        for warning in warnings:
-            log(f"selfcog: warning: {warning}")
+        config, report = load_xtuner_report(path)
+        for line in report.changes:
+            log(f"selfcog: warning: {line}")
+        for line in report.lines(verbose)[len(report.changes):]:
+            log(f"selfcog: {'note' if verbose else 'warning'}: {line}")
         return config
     if not path.exists() and source in preset_names():
         return load_preset(source)

@@ -6,7 +6,8 @@ e.g. `PROMPT_TEMPLATE.internlm2_chat`) and `x if cond else y`. Anything else bec
 Settings are read from the structures XTuner itself uses (`model.llm`, `model.lora`, `train_dataloader`,
 `optim_wrapper`, `param_scheduler`, `train_cfg`, `default_hooks`, `custom_hooks`, `randomness`), falling
 back to the usual top-level names, so renamed variables carry over too. Every setting without a selfcog
-meaning is reported by name in `warnings`.
+meaning is reported by name in `warnings`; `ImportReport` sorts them into settings that need no action (one summary
+line) and those that change what is trained or need the user (one line each).
 """
 
 from __future__ import annotations
@@ -245,14 +246,49 @@ def show(value) -> str:
     return repr(value)
 
 
+@dataclass
+class ImportReport:
+    """What an XTuner config import could not carry over, sorted by whether it matters."""
+    changes: list = field(default_factory=list)
+    """Lines for settings that change what is trained, or that need the user (unreadable values, hub data)."""
+    ignored: list = field(default_factory=list)
+    """(name, line) for settings that need no action: selfcog does the same thing its own way, or not at all."""
+
+    def lines(self, verbose: bool = False) -> list[str]:
+        """One line each for `changes`, then the ignored ones: listed one by one when `verbose`, else one line."""
+        out = list(self.changes)
+        if verbose:
+            out += [line for _, line in self.ignored]
+        elif self.ignored:
+            names = list(dict.fromkeys(name for name, _ in self.ignored))
+            out.append(f"xtuner: {len(names)} settings without a selfcog meaning: {', '.join(names)}; "
+                       "`--dry-run -v` lists them")
+        return out
+
+
 def to_run_config(cfg: XtunerConfig, source: str = "config") -> tuple[RunConfig, list[str]]:
     """Map an evaluated XTuner config onto a RunConfig; returns (config, warnings naming every ignored setting)."""
+    config, report = to_run_config_report(cfg, source)
+    return config, report_warnings(report)
+
+
+def to_run_config_report(cfg: XtunerConfig, source: str = "config") -> tuple[RunConfig, ImportReport]:
     mapper = _Mapper(cfg, source)
-    return mapper.map(), mapper.warnings
+    config = mapper.map()
+    return config, mapper.report
+
+
+def report_warnings(report: ImportReport) -> list[str]:
+    return report.changes + [line for _, line in report.ignored]
 
 
 def load_xtuner_config(path: Path) -> tuple[RunConfig, list[str]]:
     return to_run_config(parse_xtuner(path), str(path))
+
+
+def load_xtuner_report(path: Path) -> tuple[RunConfig, ImportReport]:
+    """The config and its sorted import report (`selfcog train` prints `report.lines()`)."""
+    return to_run_config_report(parse_xtuner(path), str(path))
 
 
 class _Mapper:
@@ -262,11 +298,24 @@ class _Mapper:
     def __init__(self, cfg: XtunerConfig, source: str):
         self.cfg, self.source = cfg, source
         self.n = cfg.names
-        self.warnings: list[str] = []
+        self.report = ImportReport()
         self.config = RunConfig()
 
-    def warn(self, name: str, value, why: str = "no selfcog equivalent") -> None:
-        self.warnings.append(f"xtuner: ignoring {name} = {show(value)} ({why})")
+    @property
+    def warnings(self) -> list[str]:
+        return report_warnings(self.report)
+
+    def warn(self, name: str, value, why: str = "no selfcog equivalent", changes: bool = False) -> None:
+        """An ignored setting; `changes`: it changes what is trained (its own line), else it needs no action."""
+        line = f"xtuner: ignoring {name} = {show(value)} ({why})"
+        if changes:
+            self.report.changes.append(line)
+        else:
+            self.report.ignored.append((name, line))
+
+    def attention(self, line: str) -> None:
+        """A line of its own: something that changes what is trained or needs the user."""
+        self.report.changes.append(line)
 
     def top(self, *names, default=None):
         for name in names:
@@ -280,7 +329,7 @@ class _Mapper:
         if value is None:
             return
         if isinstance(value, (Unknown, Sym)):
-            self.warnings.append(f"xtuner: cannot read {origin} = {show(value)}; keeping selfcog's default for {dotted}")
+            self.attention(f"xtuner: cannot read {origin} = {show(value)}; keeping selfcog's default for {dotted}")
             return
         set_value(self.config, dotted, value, f"{self.source}: {origin}")
 
@@ -298,7 +347,7 @@ class _Mapper:
         self.seed()
         self.unused_top_level()
         for where in self.cfg.skipped:
-            self.warnings.append(f"xtuner: not evaluated (selfcog never executes config code): {where}")
+            self.attention(f"xtuner: not evaluated (selfcog never executes config code): {where}")
         self.config.eval.eval_steps = 0  # no NAME to score: the sample chats are the progress check
         self.config.train.kl_weight = 0.0  # plain SFT, like XTuner (no preservation samples)
         self.config.lora.top_layers = 0  # XTuner's LoRA adapts every layer
@@ -320,12 +369,12 @@ class _Mapper:
             self.warn("model.use_varlen_attn", True, IGNORED["use_varlen_attn"])
         for key in model:
             if key not in ("type", "llm", "lora", "use_varlen_attn"):
-                self.warn(f"model.{key}", model[key])
+                self.warn(f"model.{key}", model[key], changes=True)
 
     def lora(self, lora: dict) -> None:
         if not lora:
-            self.warnings.append("xtuner: no model.lora: selfcog always trains a LoRA adapter (full fine-tuning "
-                                 "is not supported); keeping selfcog's LoRA defaults")
+            self.attention("xtuner: no model.lora: selfcog always trains a LoRA adapter (full fine-tuning "
+                           "is not supported); keeping selfcog's LoRA defaults")
             return
         self.set("lora.r", lora.get("r"), "lora.r")
         self.set("lora.alpha", lora.get("lora_alpha"), "lora.lora_alpha")
@@ -339,7 +388,7 @@ class _Mapper:
                 continue
             if key == "bias" and value == "none":
                 continue
-            self.warn(f"model.lora.{key}", value)
+            self.warn(f"model.lora.{key}", value, changes=True)
 
     def quantization(self, q: dict) -> None:
         if not q:
@@ -352,7 +401,7 @@ class _Mapper:
             dtype = dtype.last
         self.set("lora.bnb_4bit_compute_dtype", dtype, "bnb_4bit_compute_dtype")
         if q.get("load_in_8bit"):
-            self.warn("quantization_config.load_in_8bit", True, "selfcog quantizes to 4-bit only")
+            self.warn("quantization_config.load_in_8bit", True, "selfcog quantizes to 4-bit only", changes=True)
         for key in ("llm_int8_threshold", "llm_int8_has_fp16_weight", "llm_int8_skip_modules"):
             if key in q:
                 self.warn(f"quantization_config.{key}", q[key], "8-bit setting; selfcog uses 4-bit or none")
@@ -381,14 +430,14 @@ class _Mapper:
             if isinstance(map_fn, Sym) and map_fn.last not in ("alpaca_map_fn", "alpaca_zh_map_fn",
                                                                "openai_map_fn", "default_map_fn"):
                 self.warn(f"{where}.dataset_map_fn", map_fn, "selfcog detects conversation/messages/alpaca/"
-                          "sharegpt records itself; convert other shapes first")
+                          "sharegpt records itself; convert other shapes first", changes=True)
             for key in ("shuffle_before_pack", "remove_unused_columns", "use_varlen_attn", "input_ids_with_output",
                         "max_dataset_length", "split"):
                 if key in part and not (key == "use_varlen_attn" and not part[key]) \
                         and not (key == "remove_unused_columns" and part[key]):
-                    self.warn(f"{where}.{key}", part[key])
+                    self.warn(f"{where}.{key}", part[key], changes=key in ("max_dataset_length", "split"))
         if not parts:
-            self.warnings.append("xtuner: no train_dataloader.dataset found; set data.data_files")
+            self.attention("xtuner: no train_dataloader.dataset found; set data.data_files")
         if files:
             self.set("data.data_files", files, "data_files")
         if not parts:
@@ -404,11 +453,11 @@ class _Mapper:
             if isinstance(path, str) and path not in ("json", "csv", "parquet"):
                 if Path(path).suffix in (".json", ".jsonl"):
                     return [path]
-                self.warnings.append(f"xtuner: {where}: '{path}' is a hub dataset; selfcog reads local JSON/JSONL "
-                                     "only — download it and set data.data_files")
+                self.attention(f"xtuner: {where}: '{path}' is a hub dataset; selfcog reads local JSON/JSONL "
+                               "only — download it and set data.data_files")
             return []
         if path not in (None, "json"):
-            self.warn(f"{where}.dataset.path", path, "selfcog reads JSON/JSONL data files only")
+            self.warn(f"{where}.dataset.path", path, "selfcog reads JSON/JSONL data files only", changes=True)
         if isinstance(files, dict):
             for split in files:
                 if split != "train":
@@ -417,7 +466,7 @@ class _Mapper:
         if isinstance(files, str):
             files = [files]
         if not isinstance(files, (list, tuple)) or not all(isinstance(f, str) for f in files):
-            self.warnings.append(f"xtuner: cannot read {where}.data_files = {show(files)}; set data.data_files")
+            self.attention(f"xtuner: cannot read {where}.data_files = {show(files)}; set data.data_files")
             return []
         return list(files)
 
@@ -425,7 +474,7 @@ class _Mapper:
         opt = wrapper.get("optimizer") if isinstance(wrapper.get("optimizer"), dict) else {}
         kind = opt.get("type", self.top("optim_type"))
         if kind is not None and not (isinstance(kind, Sym) and kind.last == "AdamW"):
-            self.warn("optim_wrapper.optimizer.type", kind, IGNORED["optim_type"])
+            self.warn("optim_wrapper.optimizer.type", kind, IGNORED["optim_type"], changes=True)
         self.set("train.learning_rate", opt.get("lr", self.top("lr")), "lr")
         betas = opt.get("betas", self.top("betas"))
         if isinstance(betas, (list, tuple)) and len(betas) == 2:
@@ -462,10 +511,10 @@ class _Mapper:
                         and s.get("by_epoch", True) and isinstance(s.get("end"), (int, float)) and epochs:
                     warmup = s["end"] / epochs
                 elif type_name(s) not in ("LinearLR", "CosineAnnealingLR"):
-                    self.warn("param_scheduler", kinds, "selfcog uses linear warmup then cosine decay")
+                    self.warn("param_scheduler", kinds, "selfcog uses linear warmup then cosine decay", changes=True)
                     break
                 if type_name(s) == "CosineAnnealingLR" and isinstance(s, dict) and s.get("eta_min", 0) not in (0, 0.0):
-                    self.warn("param_scheduler.eta_min", s["eta_min"], "selfcog's cosine decays to 0")
+                    self.warn("param_scheduler.eta_min", s["eta_min"], "selfcog's cosine decays to 0", changes=True)
         self.set("train.warmup_ratio", round(warmup, 6) if isinstance(warmup, float) else warmup, "warmup_ratio")
 
     def hooks(self) -> None:
@@ -498,7 +547,7 @@ class _Mapper:
         if isinstance(system, Sym):
             text = SYSTEM_TEMPLATES.get(system.last)
             if text is None:
-                self.warnings.append(f"xtuner: unknown system template {system.name}; set eval.system")
+                self.attention(f"xtuner: unknown system template {system.name}; set eval.system")
             system = text
         self.set("eval.system", system, "SYSTEM")
         for key in ("evaluation_images", "max_new_tokens", "stop_word", "stop_words"):
@@ -514,8 +563,8 @@ class _Mapper:
         if isinstance(seed, int):
             self.set("train.seed", seed, "randomness.seed")
         elif "seed" in randomness:
-            self.warnings.append(f"xtuner: randomness.seed = {show(seed)} (random each run); selfcog uses "
-                                 f"train.seed = {self.config.train.seed} so runs are reproducible")
+            self.report.ignored.append(("randomness.seed", f"xtuner: randomness.seed = {show(seed)} (random each run); "
+                                        f"selfcog uses train.seed = {self.config.train.seed} so runs are reproducible"))
         if randomness.get("deterministic"):
             self.warn("randomness.deterministic", True)
 
