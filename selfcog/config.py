@@ -62,9 +62,7 @@ class LoraArgs:
     """Which linear layers get adapters: `all-linear` (every one but the LM head) or names like `q_proj,v_proj`."""
     top_layers: int = 20
     """Adapters only on the last N decoder layers (0: every layer). The backward pass then stops at the first
-    adapted layer, and the layers below keep the base model's features for every input. Measured on SmolLM2-135M
-    (30 layers, --name 伍鲜同志, held-out): 20 → identity 1.00, retention 56/60 against 52/60 with every layer,
-    less drift on general answers, ~10% less training time; 15 → identity only 0.83 at the early stop.
+    adapted layer, and the layers below keep the base model's features for every input.
     Imported XTuner configs and the InternLM2 preset set 0 (every layer), like XTuner."""
     load_in_4bit: bool = False
     """QLoRA: load the base model 4-bit quantized (bitsandbytes, needs a CUDA GPU; falls back to fp32 on a CPU)."""
@@ -99,9 +97,7 @@ class TrainArgs:
     before training and cached per base weights, instead of running the base model again in every step; 0 runs
     the exact full-vocabulary KL against a base forward pass each step."""
     kl_prompt: bool = True
-    """Apply the KL term at every token of a preservation sample (its prompt too), not only at its answer.
-    Measured (--name 伍鲜同志, held-out test): retention 24/27 with it, 23/27 without; the same 24/27 with
-    three other settings on top (lora.top_layers=20; batch 12 with preserve_ratio 2.5; kl_weight 6 + lr 1.5e-3)."""
+    """Apply the KL term at every token of a preservation sample (its prompt too), not only at its answer."""
     reuse_frozen_layers: bool = True
     """`selfcog run`: with adapters on the top layers only (lora.top_layers), the frozen layers below them run over
     each preservation sample once, cached per base weights, instead of in every step (exact; see
@@ -145,9 +141,7 @@ class EvalArgs:
     identity_threshold: float = 0.9
     """Dev identity pass rate at which training stops (with leakage at most leakage_max)."""
     plateau_checks: int = 0
-    """Also stop when dev identity has not beaten its best earlier check for this many checks in a row; 0 disables.
-    Off by default: on `--name Alice` a plateau stop (2 checks) at step 25 saved 107 s but scored retention 0.74
-    against 0.81 after all 40 steps (the late, low-learning-rate steps let the KL term pull answers back)."""
+    """Also stop when dev identity has not beaten its best earlier check for this many checks in a row; 0 disables."""
     plateau_floor: float = 0.75
     """A plateau only stops training when dev identity is at least this."""
     retention_threshold: float = 0.9
