@@ -191,6 +191,23 @@ def accepts(model, argument: str) -> bool:
     return argument in inspect.signature(model.forward).parameters
 
 
+def cache_keyword(model) -> str:
+    """The forward keyword of the KV cache: `cache` in current transformers, `past_key_values` (deprecated there,
+    removed in 5.40) in older releases and in hub models' own code. A PEFT model answers for its base model, and
+    a subclass whose `forward(*args, **kwargs)` passes everything on answers for the class it extends."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    for cls in type(base).__mro__:
+        forward = cls.__dict__.get("forward")
+        if forward is None:
+            continue
+        parameters = inspect.signature(forward).parameters
+        if "cache" in parameters:
+            return "cache"
+        if "past_key_values" in parameters:
+            return "past_key_values"
+    return "cache"
+
+
 @torch.inference_mode()
 def decode_tokens(model, ids: list[int], args: SamplingArgs, max_new_tokens: int, stop_ids: list[int],
                   stop: threading.Event) -> Iterator[int]:
@@ -205,12 +222,13 @@ def decode_tokens(model, ids: list[int], args: SamplingArgs, max_new_tokens: int
     min_new = getattr(getattr(model, "generation_config", None), "min_new_tokens", None) or 0
     processors = logits_processors(args, stop_ids, len(ids), min_new)
     extra = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
+    keyword = cache_keyword(model)
     inputs, cache = sequence, None
     for _ in range(max_new_tokens):
         if stop.is_set():
             return
-        out = model(input_ids=inputs, past_key_values=cache, use_cache=True, **extra)
-        cache = out.past_key_values
+        out = model(input_ids=inputs, use_cache=True, **{keyword: cache}, **extra)
+        cache = out.get("cache", out.get("past_key_values"))  # outputs name it as the forward does
         scores = processors(sequence, out.logits[:, -1, :].float())
         if args.temperature > 0:
             token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)

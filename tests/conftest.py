@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,16 @@ def isolated_home(tmp_path, monkeypatch):
 def embedded_home() -> Path:
     """Shared cache for the slow tier, so the embedded model is fetched and converted once per machine."""
     return Path(os.environ.get("SELFCOG_TEST_HOME", Path.home() / ".cache" / "selfcog"))
+
+
+def find_free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """The one free-port helper: call it (`free_port()`) for a TCP port on 127.0.0.1 that nothing listens on."""
+    return find_free_port

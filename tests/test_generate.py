@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from selfcog.errors import SelfcogError
-from selfcog.generate import SamplingArgs, generate_batch, generation_kwargs, plan_prompt, stream_chat
+from selfcog.generate import (SamplingArgs, cache_keyword, generate_batch, generation_kwargs, plan_prompt,
+                              stream_chat)
 from selfcog.models import load_model
 from selfcog.templates import stop_token_ids
 
@@ -183,10 +184,44 @@ def test_generation_kwargs_map_sampling_options(tiny):
         SamplingArgs(temperature=-1).check()
 
 
+def test_the_kv_cache_goes_by_the_name_the_forward_takes(tiny, scripted, tiny_model_dir):
+    """`cache` for current transformers models (also through a PEFT wrapper or a `forward(*args, **kwargs)`
+    subclass), `past_key_values` for a forward that names only that (older releases, hub models' own code)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    class Legacy(LlamaForCausalLM):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs):
+            return super().forward(input_ids=input_ids, cache=past_key_values, use_cache=use_cache, **kwargs)
+
+    model, tokenizer = tiny
+    legacy = Legacy.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    peft = get_peft_model(LlamaForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32),
+                          LoraConfig(r=2, target_modules=["q_proj"])).eval()
+    assert [cache_keyword(m) for m in (model, scripted[0], peft, legacy)] == ["cache", "cache", "cache",
+                                                                               "past_key_values"]
+    args = SamplingArgs(max_new_tokens=20, temperature=0, repetition_penalty=3.0)
+    expected = list(stream_chat(model, tokenizer, QUESTION, args))
+    assert len("".join(expected).strip()) > 10
+    assert list(stream_chat(legacy, tokenizer, QUESTION, args)) == expected  # without its cache it would differ
+    assert list(stream_chat(peft, tokenizer, QUESTION, args)) == expected  # LoRA B starts at zero
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_streams_on_cuda(tiny_model_dir):
+@pytest.mark.parametrize("args", [SamplingArgs(max_new_tokens=20, temperature=0),
+                                  SamplingArgs(max_new_tokens=20, temperature=0.8, top_p=0.9, top_k=20)])
+def test_streams_on_cuda_what_generate_gives(tiny_model_dir, args):
+    """On a GPU too, the streaming loop produces exactly what `model.generate` produces (greedy, and sampled with the
+    same seed), one forward per token."""
     model, tokenizer = load_model(str(tiny_model_dir))
     assert model.device.type == "cuda"
+    ids, _ = plan_prompt(model, tokenizer, QUESTION, args)
+    prompt = torch.tensor([ids], device=model.device)
+    torch.manual_seed(5)
+    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **generation_kwargs(tokenizer, args))
+    expected = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    torch.manual_seed(5)
     info = {}
-    text = "".join(stream_chat(model, tokenizer, QUESTION, SamplingArgs(max_new_tokens=20), info=info))
-    assert info["completion_tokens"] >= 1 and isinstance(text, str)
+    text = "".join(stream_chat(model, tokenizer, QUESTION, args, info=info))
+    assert text == expected and len(text.strip()) > 0
+    assert info["completion_tokens"] == out.shape[1] - len(ids)

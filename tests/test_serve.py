@@ -31,14 +31,12 @@ def expected(tiny):
 
 
 @pytest.fixture(scope="module")
-def server(tiny):
+def server(tiny, free_port):
     """create_app on a free loopback port, uvicorn in a thread."""
     import uvicorn
 
     app = create_app(*tiny, "tiny", api_key=KEY)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -129,7 +127,27 @@ def test_disconnect_mid_stream_stops_generation(server):
         time.sleep(0.05)
 
 
-def test_concurrent_requests_are_queued_and_all_answered(client):
+def test_concurrent_requests_are_queued_and_all_answered(server, client, monkeypatch):
+    """Four requests at once: one model, one generation at a time, the others wait in the queue, all get answered."""
+    import selfcog.serve
+
+    worker = server[0].state.worker
+    lock, running, seen = threading.Lock(), [0], []  # seen: (generations running, requests in the worker) at starts
+    plain = selfcog.serve.stream_chat
+
+    def watched(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            seen.append((running[0], worker.waiting))
+        try:
+            time.sleep(0.3)  # long enough for the other requests to arrive while this one generates
+            yield from plain(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(selfcog.serve, "stream_chat", watched)
+    completed = worker.stats["completed"]
     results, errors = [], []
 
     def ask(i):
@@ -146,6 +164,9 @@ def test_concurrent_requests_are_queued_and_all_answered(client):
     for t in threads:
         t.join()
     assert not errors and len(results) == 4 and all(1 <= n <= 6 for n in results)
+    assert len(seen) == 4 and worker.stats["completed"] == completed + 4
+    assert max(running for running, _ in seen) == 1, seen  # never two generations at once
+    assert max(waiting for _, waiting in seen) >= 3, seen  # a generation started with requests queued behind it
 
 
 def test_stop_strings_cut_the_answer(client, expected):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,12 +18,6 @@ ARTIFACTS = Path(__file__).parents[1] / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
@@ -42,7 +35,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 9
 
 
 @pytest.fixture
-def web_server(tiny_model_dir, tmp_path):
+def web_server(tiny_model_dir, tmp_path, free_port):
     """`selfcog web TINY` on a free port, in its own process group so teardown ends Streamlit too."""
     port = free_port()
     log = tmp_path / "web.log"
@@ -64,6 +57,7 @@ def web_server(tiny_model_dir, tmp_path):
                 proc.wait()
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing (apt-get install chromium)")
 def test_browser_chat_streams_and_clears(web_server):
     from playwright.sync_api import expect, sync_playwright
