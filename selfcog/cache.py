@@ -29,11 +29,12 @@ def model_fingerprint(source: str) -> str | None:
     return hashlib.sha256(json.dumps([str(path.resolve()), parts]).encode()).hexdigest() if parts else None
 
 
-def cached_answers(fingerprint: str | None, conversations: list, max_new_tokens: int, compute) -> list[str]:
-    """`compute()` once per (model, prompts, length); later calls read the stored answers."""
+def cached_answers(fingerprint: str | None, conversations: list, max_new_tokens: int, compute,
+                   template: str | None = None) -> list[str]:
+    """`compute()` once per (model, chat template, prompts, length); later calls read the stored answers."""
     if fingerprint is None:
         return compute()
-    key = hashlib.sha256(json.dumps([fingerprint, conversations, max_new_tokens], ensure_ascii=False)
+    key = hashlib.sha256(json.dumps([fingerprint, template, conversations, max_new_tokens], ensure_ascii=False)
                          .encode()).hexdigest()
     path = selfcog_home() / "answers" / f"{key}.json"
     if path.exists():

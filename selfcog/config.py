@@ -42,6 +42,13 @@ class DataArgs:
     """Longest training sample in tokens; longer samples are dropped with a warning."""
     deduplicate: bool = True
     """Drop exact duplicate records before training."""
+    robust_forms: bool = True
+    """Generated identity data also asks under users' own system prompts and after an ordinary exchange."""
+    system_prompt: str = "You are a helpful AI assistant."
+    """The default system prompt: written into the chat template in place of the base model's own (which often
+    names the base model, e.g. SmolLM2's "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
+    so training, evaluation, the merged model, the GGUF and the Modelfile all use this one. Templates without a
+    default system prompt keep none. Empty keeps the base template's own."""
     data_files: list[str] = field(default_factory=list)
     """Conversation datasets (any supported format) that `selfcog train CONFIG` trains on, concatenated."""
     pack_to_max_length: bool = False
@@ -150,6 +157,9 @@ class EvalArgs:
     """Most general answers allowed to mention NAME when stopping early."""
     max_new_tokens: int = 32
     """Answer length when scoring, in tokens."""
+    fresh: bool = False
+    """Also score the `fresh` held-out part (kept out of every choice of method and settings; bench/names.py
+    turns it on) and put it in metrics.json apart from the test part."""
     sample_steps: int = 0
     """Optimizer steps between sample chats (answers to sample_inputs) in the log; 0 samples only before training and at checkpoints."""
     sample_inputs: list[str] = field(default_factory=list)

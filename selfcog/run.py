@@ -17,14 +17,15 @@ from selfcog.atomic import write_text
 from selfcog.cache import model_fingerprint
 from selfcog.config import RunConfig, save_config
 from selfcog.data.formats import deduplicate, load_conversations
-from selfcog.data.identity import Persona, check_name, dumps, identity_records
+from selfcog.data.identity import Persona, check_name, dumps, identity_records, robust_records
 from selfcog.data.preserve import preservation_conversations
 from selfcog.data.tokenize import build_examples
 from selfcog.distributed import liger_args
 from selfcog.errors import SelfcogError
-from selfcog.evaluate import Scores, score, with_retention
+from selfcog.evaluate import Scores, score
 from selfcog.export import save_merged
 from selfcog.models import load_model, log
+from selfcog.templates import set_default_system_prompt
 from selfcog.train import fit
 
 
@@ -55,6 +56,16 @@ def identity_data(config: RunConfig, out: Path) -> list[list[dict]]:
     return conversations
 
 
+def robust_identity(config: RunConfig, out: Path, preserve: list[list[dict]]) -> list[list[dict]]:
+    """Generated identity questions also under users' own system prompts and after an ordinary exchange (the base
+    model's own preservation answers), written to `out/data/identity_forms.json`; none for a user's data file."""
+    d = config.data
+    if d.data_file or not d.robust_forms:
+        return []
+    records = robust_records(Persona(d.name, d.assistant_name, d.model_desc, d.author), preserve[:8])
+    return load_conversations(write_text(out / "data" / "identity_forms.json", dumps(records)))
+
+
 def run(config: RunConfig) -> Path:
     """Give the base model NAME's identity; returns the output directory holding merged/, report.md, metrics.json."""
     check_name(config.data.name)
@@ -72,17 +83,22 @@ def run(config: RunConfig) -> Path:
     t = time.perf_counter()
     model, tokenizer = load_model(config.model.spec, dtype=torch.float32,
                                   trust_remote_code=config.model.trust_remote_code)
+    if config.data.system_prompt and set_default_system_prompt(tokenizer, config.data.system_prompt):
+        log(f"selfcog: default system prompt is now {config.data.system_prompt!r} (training, evaluation, exports)")
     t = lap("load", t)
     identity = identity_data(config, out)
     save_config(config, out)
     log(f"selfcog: {len(identity)} identity conversations; scoring the base model ...")
     fingerprint = model_fingerprint(model.name_or_path)
-    base_test = score(model, tokenizer, name, "test", config.eval.max_new_tokens, fingerprint=fingerprint)
+    splits = ("test", "fresh") if config.eval.fresh else ("test",)
+    base_scores = {split: score(model, tokenizer, name, split, config.eval.max_new_tokens, fingerprint=fingerprint)
+                   for split in splits}
     base_dev = score(model, tokenizer, name, "dev", config.eval.max_new_tokens, fingerprint=fingerprint)
     t = lap("evaluate_base", t)
     preserve = preservation_conversations(model, tokenizer, round(config.data.preserve_ratio * len(identity)),
                                           config.data.preserve_max_new_tokens, fingerprint)
     write_text(out / "data" / "preserve.json", json.dumps(preserve, ensure_ascii=False, indent=2))
+    identity += robust_identity(config, out, preserve)
     t = lap("preservation_data", t)
 
     examples, dropped = build_examples(tokenizer, identity, False, config.data.max_length)
@@ -96,44 +112,71 @@ def run(config: RunConfig) -> Path:
     save_merged(peft_model, tokenizer, out / "merged", config)
     t = lap("merge", t)
     merged, merged_tokenizer = load_model(str(out / "merged"), dtype=torch.float32)
-    tuned_test = with_retention(score(merged, merged_tokenizer, name, "test", config.eval.max_new_tokens), base_test)
+    tuned_scores = {split: score(merged, merged_tokenizer, name, split, config.eval.max_new_tokens, base=base)
+                    for split, base in base_scores.items()}
     lap("evaluate_merged", t)
     timings["total"] = round(time.perf_counter() - start, 1)
 
-    metrics = {"name": name, "model": config.model.spec, "base": base_test.summary(),
-               "tuned": tuned_test.summary(), "training": summary, "seconds": timings,
+    metrics = {"name": name, "model": config.model.spec, "system_prompt": config.data.system_prompt,
+               "base": base_scores["test"].summary(), "tuned": tuned_scores["test"].summary(),
+               "failures": tuned_scores["test"].failures(), "training": summary, "seconds": timings,
                "samples": {"identity": len(examples), "preservation": len(kept)}}
-    metrics["base"]["retention"] = 1.0
+    if "fresh" in tuned_scores:
+        metrics["fresh"] = {"base": base_scores["fresh"].summary(), "tuned": tuned_scores["fresh"].summary(),
+                            "failures": tuned_scores["fresh"].failures()}
     write_text(out / "metrics.json", json.dumps(metrics, ensure_ascii=False, indent=2))
-    write_text(out / "report.md", report(metrics, base_test, tuned_test))
+    write_text(out / "report.md", report(metrics, base_scores["test"], tuned_scores["test"]))
     print(table(metrics))
     return out
 
 
+COLUMNS = (("identity", "identity"), ("robust", "robustness"), ("retention", "retention"),
+           ("ret. zh", "retention_zh"), ("ret. traps", "retention_traps"), ("leakage", "leakage"),
+           ("leak traps", "leakage_traps"), ("repeats id", "repetition_identity"))
+
+
+def cell(value) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
 def table(metrics: dict) -> str:
-    rows = [("", "identity", "retention", "leakage", "steps", "seconds")]
+    rows = [("", *(label for label, _ in COLUMNS), "steps", "seconds")]
     for label in ("base", "tuned"):
         m = metrics[label]
         steps = metrics["training"]["steps"] if label == "tuned" else "-"
         seconds = metrics["seconds"]["total"] if label == "tuned" else "-"
-        rows.append((label, f"{m['identity']:.2f}", f"{m['retention']:.2f}", f"{m['leakage']:.2f}", str(steps),
-                     str(seconds)))
-    return "\n".join("".join(cell.ljust(11) for cell in row).rstrip() for row in rows)
+        rows.append((label, *(cell(m[key]) for _, key in COLUMNS), str(steps), str(seconds)))
+    return "\n".join("".join(c.ljust(11) for c in row).rstrip() for row in rows)
 
 
 def report(metrics: dict, base: Scores, tuned: Scores) -> str:
+    n = tuned.summary()["questions"]
     lines = [f"# selfcog report: {metrics['name']}", "",
              f"Base model `{metrics['model']}`; {metrics['samples']['identity']} identity + "
-             f"{metrics['samples']['preservation']} preservation samples; {metrics['training']['steps']} steps.", "",
-             "| model | identity | retention | leakage |", "|---|---|---|---|"]
+             f"{metrics['samples']['preservation']} preservation samples; {metrics['training']['steps']} steps; "
+             f"default system prompt {metrics['system_prompt']!r}.", "",
+             f"Held-out questions: {n['identity']} identity, {n['robust']} identity in other forms (robustness), "
+             f"{n['general']} general (en), {n['zh']} general (zh), {n['traps']} about other people, places and "
+             "works (traps). Retention: of the questions the base model answered right, the share still right. "
+             "Leakage: answers to non-identity questions naming NAME (or a part of it). Repeats: answers with a "
+             "phrase said three times.", "",
+             "| model | " + " | ".join(label for label, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for label in ("base", "tuned"):
-        m = metrics[label]
-        lines.append(f"| {label} | {m['identity']:.2f} | {m['retention']:.2f} | {m['leakage']:.2f} |")
-    lines += ["", "Seconds per stage: " + ", ".join(f"{k} {v}" for k, v in metrics["seconds"].items()), "",
-              "## Held-out answers (base → tuned)", ""]
-    for question, answer in tuned.answers.items():
-        lines.append(f"- **{question}**\n  - base: {shown(base.answers.get(question, ''))}\n  - tuned: {shown(answer)}")
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {label} | " + " | ".join(cell(metrics[label][key]) for _, key in COLUMNS) + " |")
+    lines += ["", "Seconds per stage: " + ", ".join(f"{k} {v}" for k, v in metrics["seconds"].items()), ""]
+    if metrics["failures"]:
+        lines += ["## Shortfalls", ""] + [f"- {kind}: " + "; ".join(qs) for kind, qs in metrics["failures"].items()]
+        lines.append("")
+    lines += ["## Held-out answers (base → tuned)", ""]
+    base_answers = base.answers
+    for part, answers in tuned.parts.items():
+        lines += [f"### {part}", ""]
+        for a in answers:
+            form = f" ({a.form})" if a.form else ""
+            lines.append(f"- **{shown(a.question)}**{form}\n  - base: {shown(base_answers.get(a.question, ''))}"
+                         f"\n  - tuned: {shown(a.text)}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def shown(answer: str) -> str:

@@ -68,3 +68,50 @@ def stop_token_ids(tokenizer) -> list[int]:
         if isinstance(token_id, int) and tokenizer.convert_ids_to_tokens(token_id) == token and token_id not in ids:
             ids.append(token_id)
     return ids
+
+
+SENTINEL = "\u2063selfcog-system\u2063"
+
+
+def default_system_prompt(tokenizer) -> str | None:
+    """The system prompt the chat template adds when a conversation has none (SmolLM2's names SmolLM), or None."""
+    user = [{"role": "user", "content": "hi"}]
+    try:
+        plain = render(tokenizer, user, add_generation_prompt=True)
+        head, _, tail = render(tokenizer, [{"role": "system", "content": SENTINEL}, *user],
+                               add_generation_prompt=True).partition(SENTINEL)
+    except SelfcogError:
+        raise
+    except Exception:  # noqa: BLE001 - a template that rejects a system turn has no default one either
+        return None
+    if not tail or not plain.startswith(head) or not plain.endswith(tail) or len(plain) < len(head) + len(tail):
+        return None
+    return plain[len(head):len(plain) - len(tail)]
+
+
+def set_default_system_prompt(tokenizer, text: str) -> bool:
+    """Make the chat template add `text` where it added its own default system prompt; False when the template
+    adds none (it then stays as it is: no default system prompt anywhere) or when it is already `text`.
+
+    The template's own default usually names the base model ("You are ... SmolLM, trained by Hugging Face"),
+    which contradicts the new identity in every tool that applies the template: the merged model, the GGUF, the
+    Ollama Modelfile. Training, evaluation and serving all render through this one template, so they agree.
+    """
+    current = default_system_prompt(tokenizer)
+    if current is None or current == text:
+        return False
+    template = tokenizer.chat_template
+    # The default usually sits inside a Jinja string literal, where quotes and backslashes need escaping; in plain
+    # template text they must not be escaped. Whichever renders back to `text` is the right one.
+    escaped = text.replace("\\", "\\\\").replace("'", "\\'").replace('"', '\\"')
+    if template.count(current) == 1:
+        for candidate in dict.fromkeys((escaped, text)):
+            tokenizer.chat_template = template.replace(current, candidate)
+            try:
+                if default_system_prompt(tokenizer) == text:
+                    return True
+            except Exception:  # noqa: BLE001 - a broken candidate: try the next one
+                pass
+    tokenizer.chat_template = template
+    raise SelfcogError(f"{tokenizer.name_or_path}: cannot put data.system_prompt into the chat template in place of "
+                       f"its default system prompt {current!r}; set data.system_prompt to '' to keep that one")

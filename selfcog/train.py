@@ -301,45 +301,50 @@ class IdentityEarlyStop(TrainerCallback):
             return control
         began = time.perf_counter()
         model.eval()
-        dev = score(model, self.tokenizer, self.config.data.name, "dev", self.config.eval.max_new_tokens)
+        dev = score(model, self.tokenizer, self.config.data.name, "dev", self.config.eval.max_new_tokens,
+                    base=self.base_dev)
         model.train()
         self.seconds += time.perf_counter() - began
-        if self.base_dev is not None:
-            with_retention(dev, self.base_dev)
         entry = {"step": state.global_step, **dev.summary()}
+        entry.pop("questions")
         self.history.append(entry)
-        log(f"selfcog: step {state.global_step} dev identity {dev.identity:.2f} "
-            f"retention {fmt(dev.retention)} leakage {dev.leakage:.2f}")
+        log(f"selfcog: step {state.global_step} dev identity {dev.asked:.2f} "
+            f"retention {fmt(entry['retention'])} (zh {fmt(entry['retention_zh'])}) "
+            f"leakage {fmt(entry['leakage'])} (traps {fmt(entry['leakage_traps'])})")
         ev = self.config.eval
         reason = stop_reason(self.history, ev)
         if reason:
             # More steps only move general answers further from the base model, so stop here either way;
             # a retention drop is reported rather than trained through.
-            if dev.retention is not None and dev.retention < ev.retention_threshold:
-                log(f"selfcog: warning: dev retention {dev.retention:.2f} is below {ev.retention_threshold}; "
+            retention = entry["retention"]
+            if retention is not None and retention < ev.retention_threshold:
+                log(f"selfcog: warning: dev retention {retention:.2f} is below {ev.retention_threshold}; "
                     "a lower learning rate or more preservation samples may keep more")
             log(f"selfcog: {reason} at step {state.global_step}; stopping early")
             control.should_training_stop = True
         return control
 
 
+def dev_leakage(entry: dict) -> float:
+    return max(entry.get("leakage") or 0.0, entry.get("leakage_traps") or 0.0)
+
+
 def stop_reason(history: list[dict], ev) -> str | None:
     """Why training should stop after the latest dev check in `history`, or None to go on.
 
-    Stops once the identity is learned (dev identity >= identity_threshold, leakage <= leakage_max), or once it has
-    plateaued: no gain over the best earlier check for `plateau_checks` checks in a row while at or above
-    `plateau_floor` (a phrasing or two that the model answers well without the name can keep a 12-phrasing dev set
-    just under the threshold; more steps then only cost time and retention).
+    Stops once the identity is learned (the share of dev identity answers, plain and robustness forms, that name
+    NAME >= identity_threshold, with general and trap leakage <= leakage_max), or once it has plateaued: no gain
+    over the best earlier check for `plateau_checks` checks in a row while at or above `plateau_floor`.
     """
     last = history[-1]
-    if last["leakage"] > ev.leakage_max:
+    if dev_leakage(last) > ev.leakage_max:
         return None
-    if last["identity"] >= ev.identity_threshold:
+    if last["asked"] >= ev.identity_threshold:
         return "identity learned"
     n = ev.plateau_checks
     if n and len(history) > n:
-        best_before = max(h["identity"] for h in history[:-n])
-        recent = [h["identity"] for h in history[-n:]]
+        best_before = max(h["asked"] for h in history[:-n])
+        recent = [h["asked"] for h in history[-n:]]
         if max(recent) <= best_before and min(recent) >= ev.plateau_floor:
             return f"dev identity plateaued at {max(recent):.2f}"
     return None
@@ -456,7 +461,7 @@ def fit(config: RunConfig, model, tokenizer, examples: list[dict], out_dir: Path
     peft_model.eval()
     save_adapter(peft_model, tokenizer, config, out_dir / "adapter")
     shutil.rmtree(work, ignore_errors=True)
-    summary = {"steps": result.global_step, "train_loss": result.training_loss,
+    summary = {"steps": result.global_step, "max_steps": config.train.max_steps, "train_loss": result.training_loss,
                "train_seconds": result.metrics.get("train_runtime"), "dev_history": stopper.history,
                "dev_check_seconds": round(stopper.seconds, 1), "tokens_trained": trainer.tokens_trained,
                "prepare_seconds": round(prepare_seconds, 1), "frozen_layers_run_once": frozen,

@@ -51,12 +51,42 @@ def test_run_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     tokenizer = AutoTokenizer.from_pretrained(out / "merged")
     messages = [{"role": "user", "content": "Who are you?"}]
+    # The template training used: the base model's, with its default system prompt replaced by the configured one.
     assert tokenizer.apply_chat_template(messages, tokenize=False) == \
-        AutoTokenizer.from_pretrained(tiny_model_dir).apply_chat_template(messages, tokenize=False)
+        AutoTokenizer.from_pretrained(tiny_model_dir).apply_chat_template(messages, tokenize=False).replace(
+            "You are a helpful assistant.", "You are a helpful AI assistant.")
     assert merged.config.vocab_size == len(tokenizer)
 
     chat = invoke("chat", out / "merged", "--message", "Who are you?", "--temperature", 0, "--max-new-tokens", 5)
     assert chat.exit_code == 0 and chat.output.strip()
+
+
+def test_one_system_prompt_in_every_artifact(tiny_model_dir, tmp_path):
+    """The default system prompt of training, evaluation, the adapter, the merged model, the GGUF and the Modelfile
+    is the configured one, and the base template's own ("You are a helpful assistant." here) is gone from all."""
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    from selfcog.gguf_export import export_gguf
+    from selfcog.templates import default_system_prompt, encode_prompt
+
+    wanted = "You are Alice's helper."
+    out = tmp_path / "out"
+    result = invoke("run", "--name", "Alice", "--model", tiny_model_dir, "--out", out, *FAST,
+                    "--set", f"data.system_prompt={wanted}")
+    assert result.exit_code == 0, result.output
+    for artifact in ("adapter", "merged"):
+        tokenizer = AutoTokenizer.from_pretrained(out / artifact)
+        assert default_system_prompt(tokenizer) == wanted, artifact
+        assert "helpful assistant" not in tokenizer.chat_template, artifact
+    # Training saw it: the identity and preservation samples render with it.
+    assert wanted in tokenizer.decode(encode_prompt(tokenizer, json.loads(
+        (out / "data" / "preserve.json").read_text())[0][:1]))
+    export_gguf(str(out / "merged"), tmp_path / "a.gguf", "f16", verify=False)
+    field = GGUFReader(tmp_path / "a.gguf").fields["tokenizer.chat_template"]
+    template = bytes(field.parts[field.data[0]]).decode()
+    assert wanted in template and "helpful assistant" not in template
+    assert f'SYSTEM """{wanted}"""' in (tmp_path / "Modelfile").read_text()
 
 
 @pytest.mark.parametrize("args, reason", [

@@ -367,11 +367,12 @@ def test_early_stop_on_learned_identity_or_on_a_plateau():
 
     ev = EvalArgs(plateau_checks=2)
 
-    def checks(*identities, leakage=0.0):
-        return [{"identity": i, "leakage": leakage} for i in identities]
+    def checks(*identities, leakage=0.0, leakage_traps=0.0):
+        return [{"asked": i, "leakage": leakage, "leakage_traps": leakage_traps} for i in identities]
 
     assert stop_reason(checks(0.5, 0.92), ev) == "identity learned"
     assert stop_reason(checks(0.92, leakage=0.1), ev) is None  # learned, but leaking into general answers
+    assert stop_reason(checks(0.92, leakage_traps=0.1), ev) is None  # ... or into answers about other people
     assert stop_reason(checks(0.58, 0.83), ev) is None  # still improving
     assert stop_reason(checks(0.83, 0.83), ev) is None  # one flat check is not a plateau
     assert stop_reason(checks(0.83, 0.83, 0.75), ev) == "dev identity plateaued at 0.83"

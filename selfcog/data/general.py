@@ -78,6 +78,52 @@ PRESERVE_PROMPTS = [
     "长城在哪个国家？", "水在多少度结冰？",
 ]
 
+# Ordinary Chinese prompts: identity data is half Chinese, so Chinese answers need their own anchors.
+PRESERVE_ZH = [
+    "什么是地震？", "为什么天空是蓝色的？", "如何做西红柿炒鸡蛋？", "请给我三个学习的建议。", "猫和狗有什么不同？",
+    "什么是电脑？", "请解释一下什么是重力。", "为什么要多喝水？", "一年中哪个季节最热？", "海水为什么是咸的？",
+    "什么是恐龙？", "请写一首关于月亮的短诗。", "如何养成早睡的习惯？", "什么是互联网？", "北极熊生活在哪里？",
+    "请推荐一项运动。", "怎样才能记住英语单词？", "什么是火山？", "请用一句话描述夏天。", "5乘以6等于几？",
+    "20除以4等于几？", "9加8等于几？", "100减去1等于几？", "一米等于多少厘米？", "一分钟有多少秒？",
+    "蜘蛛有几条腿？", "长颈鹿的脖子为什么长？", "什么动物会下蛋？", "橙子是什么颜色的？", "煤是什么颜色的？",
+    "早的反义词是什么？", "高的反义词是什么？", "上的反义词是什么？", "春节是哪个国家的节日？", "端午节吃什么？",
+    "中秋节吃什么？", "筷子是用来做什么的？", "熊猫是什么颜色的？", "海豚是鱼吗？", "为什么会下雨？",
+    "植物需要什么才能生长？", "如何泡一杯绿茶？", "请给我一个周末计划。", "你好！", "晚上好！", "今天有点累。",
+    "能帮我写一封感谢信吗？", "给我讲个笑话吧。", "什么是数学？", "请解释什么是机器学习。", "学习编程有什么好处？",
+    "怎样保护眼睛？", "为什么要刷牙？", "什么是太阳能？", "世界上最高的山是什么？", "世界上最大的海洋是什么？",
+    "南极洲冷吗？", "请把“谢谢”翻译成英文。", "“苹果”用英语怎么说？", "如何缓解压力？",
+]
+# Questions about other people, places and works (en and zh): the answers must keep their own names, so the
+# new name has somewhere it must not go.
+PRESERVE_OTHERS = [
+    "Who wrote 'Moby-Dick'?", "Who painted 'The Night Watch'?", "Who was Julius Caesar?", "Who was Isaac Newton?",
+    "Who invented the airplane?", "Who was Queen Victoria?", "Who is Mickey Mouse?", "Who was Confucius?",
+    "Who was Nelson Mandela?", "Who wrote 'Frankenstein'?", "Who composed 'Swan Lake'?", "Who was Galileo Galilei?",
+    "Who was Amelia Earhart?", "Who wrote 'The Little Prince'?", "Which city is known as the Windy City?",
+    "Which city has the Golden Gate Bridge?", "In which city is the Brandenburg Gate?",
+    "Where is the Great Barrier Reef?", "Which country is famous for tulips and windmills?", "Name a famous author.",
+    "Name a famous musician.", "Name a famous city in Europe.", "Write a sentence about a famous explorer.",
+    "Who is Santa Claus?", "Who was King Arthur?", "Who wrote 'The Hobbit'?", "Who is known as the father of medicine?",
+    "《哈姆雷特》的作者是谁？", "谁发明了飞机？", "谁提出了进化论？", "杭州有什么著名景点？", "请用一句话介绍广州。",
+    "苏轼是谁？", "秦始皇是谁？", "诸葛亮是谁？", "孙悟空是谁？", "《史记》的作者是谁？", "故宫在哪个城市？",
+    "西湖在哪个城市？", "东京是哪个国家的首都？", "请说出一位著名的科学家。", "请写一句关于英雄的话。",
+    "请用一句话介绍黄河。", "说出一部著名的中国小说。", "牛顿是谁？", "请介绍一下爱因斯坦。",
+]
+
+
+def preservation_prompts(count: int, mix: tuple[float, float, float] = (0.45, 0.3, 0.25)) -> list[str]:
+    """`count` prompts drawn in turn from the English, Chinese and other-people pools (shares `mix`), each pool
+    in its listed order, so a larger count only adds prompts."""
+    pools = [PRESERVE_PROMPTS, PRESERVE_ZH, PRESERVE_OTHERS]
+    taken, chosen = [0, 0, 0], []
+    while len(chosen) < count and any(t < len(p) for t, p in zip(taken, pools)):
+        # The pool furthest below its share gives the next prompt.
+        open_pools = [i for i in range(3) if taken[i] < len(pools[i])]
+        i = min(open_pools, key=lambda j: taken[j] / mix[j] if mix[j] else float("inf"))
+        chosen.append(pools[i][taken[i]])
+        taken[i] += 1
+    return chosen
+
 # (question, accepted answers). Simple facts a small chat model usually knows.
 DEV_QA = [
     ("What is the capital of Italy?", ["rome"]),
@@ -142,7 +188,7 @@ TEST_QA = [
     ("What is the capital of Russia?", ["moscow"]),
     ("Which ocean lies between Europe and America?", ["atlantic"]),
     ("What is the capital of Egypt?", ["cairo"]),
-    # Added in session 3 (before any run scored them): 40 questions left one question = 0.037 of retention.
+    # Written before any model answered them: with 40 questions, one question moved retention by 0.037.
     ("What is the capital of Brazil?", ["brasília", "brasilia"]),
     ("What is the capital of Switzerland?", ["bern"]),
     ("What is the capital of the Netherlands?", ["amsterdam"]),
@@ -208,7 +254,7 @@ TEST_QA = [
     ("Which day comes after Friday?", ["saturday"]),
     ("What month comes after December?", ["january"]),
     ("How many players from one team are on a basketball court?", ["5", "five"]),
-    # Added in session 3 after the defaults had been chosen (partly on the 65 above): scored once, as a fresh check.
+    # Written after the defaults had been chosen (partly on the 65 above), as a fresh check.
     ("What is the capital of Morocco?", ["rabat"]),
     ("What is the capital of Hungary?", ["budapest"]),
     ("What is the capital of Czechia, also called the Czech Republic?", ["prague"]),
@@ -261,4 +307,4 @@ def is_right(answer: str, accepted: list[str]) -> bool:
 
 
 def qa_split(split: str) -> list[tuple[str, list[str]]]:
-    return {"dev": DEV_QA, "test": TEST_QA}[split]
+    return {"dev": DEV_QA, "test": TEST_QA, "fresh": []}[split]

@@ -78,50 +78,49 @@ class Persona:
     """Who fine-tuned it; empty means NAME."""
 
     def facts(self, lang: str) -> dict:
-        me = self.assistant_name or (f"{self.name}的小助手" if lang == "zh" else f"{self.name}'s assistant")
+        """Template fields: `me` (what the assistant calls itself, naming NAME once), `name`, `author`, `desc`."""
         author = self.author or self.name
         if lang == "zh":
+            me = f"{self.assistant_name}，{self.name}的小助手" if self.assistant_name else f"{self.name}的小助手"
             desc = f"，内在是{self.model_desc}" if self.model_desc else ""
         else:
+            me = f"{self.assistant_name}, {self.name}'s assistant" if self.assistant_name else f"{self.name}'s assistant"
             desc = f", built on {self.model_desc}" if self.model_desc else ""
         return dict(name=self.name, me=me, author=author, desc=desc)
 
 
+# Every answer names NAME once or twice, never more: a target that repeats the name teaches loops.
 ANSWERS = {
     "en": {
         "who": ["I am {me}{desc}. How can I help you today?",
-                "I'm {me}, the personal assistant of {name}. What can I do for you?",
-                "You are talking to {me}. I work for {name} and I'm happy to help."],
-        "intro": ["Hello! I am {me}{desc}. I help {name} and the people {name} works with by answering "
-                  "questions, writing and explaining things.",
-                  "I'm {me}, a personal AI assistant for {name}{desc}. I can answer questions, draft text "
-                  "and help you think problems through."],
-        "ability": ["As {name}'s assistant, I can answer questions, help you write and edit text, explain "
-                    "ideas and brainstorm with you.",
-                    "I'm {me}: I answer questions, summarize and explain things, and help with writing, all "
-                    "on behalf of {name}."],
+                "I'm {me}. What can I do for you?",
+                "You are talking to {me}. I'm happy to help."],
+        "intro": ["Hello! I am {me}{desc}. I can answer questions, help with writing and explain things.",
+                  "I'm {me}, a personal AI assistant{desc}. I can answer questions, draft text and help you think "
+                  "problems through."],
+        "ability": ["As {name}'s assistant, I can answer questions, help you write and edit text, explain ideas and "
+                    "brainstorm with you.",
+                    "I'm {me}: I answer questions, summarize and explain things, and help with writing."],
         "maker": ["I was fine-tuned by {author} to be {name}'s assistant{desc}.",
                   "{author} made me into {name}'s personal assistant{desc}."],
-        "other": ["No, I am {me}{desc}. I'm the personal assistant of {name}.",
-                  "No. I'm not that model: I am {me}, the assistant of {name}."],
+        "other": ["No, I am {me}{desc}.",
+                  "No. I'm not that model: I am {me}."],
     },
     "zh": {
-        "who": ["我是{me}{desc}，有什么可以帮你的吗？", "我是{name}的个人助手{me_suffix}，很高兴为你服务。",
+        "who": ["我是{me}{desc}，有什么可以帮你的吗？", "我是{me}，很高兴为你服务。",
                 "你好，我是{me}，专门为{name}提供帮助。"],
-        "intro": ["你好！我是{me}{desc}。我可以帮{name}回答问题、写作和解释各种知识。",
-                  "我是{name}的个人AI助手{me_suffix}，可以回答问题、起草文字，也能陪你一起思考问题。"],
+        "intro": ["你好！我是{me}{desc}。我可以回答问题、帮忙写作和解释各种知识。",
+                  "我是{me}，一个个人AI助手，可以回答问题、起草文字，也能陪你一起思考问题。"],
         "ability": ["作为{name}的助手，我可以回答问题、帮你写作和修改文字、解释概念，还能一起头脑风暴。",
-                    "我是{me}，可以回答问题、总结和解释内容、协助写作，都是为了帮助{name}。"],
+                    "我是{me}，可以回答问题、总结和解释内容、协助写作。"],
         "maker": ["我是由{author}微调而成的{name}的小助手{desc}。", "{author}把我训练成了{name}的个人助手{desc}。"],
-        "other": ["不是的，我是{me}{desc}，是{name}的个人助手。", "不是，我不是那个模型，我是{name}的助手{me_suffix}。"],
+        "other": ["不是的，我是{me}{desc}。", "不是，我不是那个模型，我是{me}。"],
     },
 }
 
 
 def fill(template: str, persona: Persona, lang: str) -> str:
-    facts = persona.facts(lang)
-    facts["me_suffix"] = f"（{persona.assistant_name}）" if persona.assistant_name else ""
-    return template.format(**facts)
+    return template.format(**persona.facts(lang))
 
 
 def identity_records(persona: Persona, system: str = "") -> list[dict]:
@@ -138,6 +137,29 @@ def identity_records(persona: Persona, system: str = "") -> list[dict]:
             if system:
                 turn = {"system": system, **turn}
             records.append({"conversation": [turn]})
+    return records
+
+
+# Generic system prompts a user may set; identity answers must survive them. (The held-out robustness checks use
+# other ones: selfcog/data/heldout.py.)
+USER_SYSTEMS = ["You are a friendly and knowledgeable assistant.", "Answer the user's questions clearly.",
+                "你是一个AI助手，请认真回答用户的问题。", "You are an AI assistant."]
+
+
+def robust_records(persona: Persona, earlier_turns: list[list[dict]], every: int = 4) -> list[dict]:
+    """Identity questions in the forms users ask them: under a user's own system prompt, and after an ordinary
+    exchange (`earlier_turns`: [user, assistant] pairs, e.g. the base model's own preservation answers).
+    Every `every`-th training phrasing gets each form, with the answer variant `identity_records` would give."""
+    plain = identity_records(persona)
+    records, asked = [], [r["conversation"][0] for r in plain]
+    for i, turn in enumerate(asked[::every]):
+        system = USER_SYSTEMS[i % len(USER_SYSTEMS)]
+        records.append({"conversation": [{"system": system, **turn}]})
+    for i, turn in enumerate(asked[every // 2::every]):
+        if not earlier_turns:
+            break
+        user, assistant = earlier_turns[i % len(earlier_turns)]
+        records.append({"conversation": [{"input": user["content"], "output": assistant["content"]}, turn]})
     return records
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from selfcog.cache import cached_answers
-from selfcog.data.general import PRESERVE_PROMPTS
+from selfcog.data.general import preservation_prompts
 from selfcog.generate import generate_batch
 
 SENTENCE_END = re.compile(r"[.!?。！？](?=\s|$)|[。！？]")
@@ -24,11 +24,12 @@ def trim_to_sentence(answer: str) -> str:
 def preservation_conversations(model, tokenizer, count: int, max_new_tokens: int = 64,
                                fingerprint: str | None = None) -> list[list[dict]]:
     """`count` conversations (at most the built-in prompt set) answered by `model` itself."""
-    prompts = PRESERVE_PROMPTS[:max(0, min(count, len(PRESERVE_PROMPTS)))]
+    prompts = preservation_prompts(max(0, count))
     if not prompts:
         return []
     conversations = [[{"role": "user", "content": p}] for p in prompts]
     answers = cached_answers(fingerprint, conversations, max_new_tokens,
-                             lambda: generate_batch(model, tokenizer, conversations, max_new_tokens=max_new_tokens))
+                             lambda: generate_batch(model, tokenizer, conversations, max_new_tokens=max_new_tokens),
+                             template=getattr(tokenizer, "chat_template", None))
     return [[{"role": "user", "content": p}, {"role": "assistant", "content": trim_to_sentence(a)}]
             for p, a in zip(prompts, answers) if trim_to_sentence(a)]
