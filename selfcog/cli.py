@@ -265,21 +265,30 @@ def config_copy(name, directory):
               "work_dirs/CONFIG_NAME).")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in the work dir.")
 @click.option("--set", "overrides", multiple=True, help="Override a setting: --set train.epochs=1.")
-def train(config_source, dry_run, work_dir, resume, overrides):
+@click.option("--verbose", "-v", is_flag=True, help="List every XTuner setting without a selfcog meaning, one a line.")
+@click.option("--identity", "identity_name", default=None, metavar="NAME",
+              help="Identity data: train like `selfcog run --data FILE --name NAME` (preservation, held-out "
+                   "scores, early stop, merge) into the work dir instead of plain SFT.")
+def train(config_source, dry_run, work_dir, resume, overrides, verbose, identity_name):
     """Train a LoRA adapter from CONFIG: a selfcog YAML, an XTuner Python config, or a preset name.
 
     Data-parallel on N GPUs or CPU processes: torchrun --nproc-per-node N -m selfcog train CONFIG
     """
     from selfcog.config import apply_overrides, dump_config, resolve_train_config
 
-    config = apply_overrides(resolve_train_config(config_source), list(overrides))
+    config = apply_overrides(resolve_train_config(config_source, verbose), list(overrides))
     if dry_run:
         click.echo(dump_config(config), nl=False)
         return
     from selfcog.distributed import is_main_process
-    from selfcog.train import train_from_config
+    from selfcog.train import train_from_config, train_identity
 
     work = Path(work_dir) if work_dir else Path("work_dirs") / Path(config_source).stem
+    if identity_name is not None:
+        if resume:
+            raise SelfcogError("--identity: trains from the start (no --resume)")
+        click.echo(f"adapter: {train_identity(config, work, identity_name)}")
+        return
     adapter = train_from_config(config, work, resume=resume)
     if is_main_process():
         click.echo(f"adapter: {adapter}")

@@ -709,24 +709,174 @@ class SampleChats(TrainerCallback):
         return control
 
 
-def train_data(config: RunConfig, say=log) -> list[list[dict]]:
-    from selfcog.data.formats import deduplicate, load_conversations
+import re  # noqa: E402 - this section's own imports
+import warnings  # noqa: E402
+from collections import Counter  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+
+@dataclass
+class TrainData:
+    """`selfcog train`'s data: what is trained, and how many records of the files each conversation stands for."""
+    conversations: list
+    """The conversations trained on: unique ones when data.deduplicate (first occurrence kept, in order)."""
+    counts: list
+    """Per conversation: how many records of the files it stands for (1 each without deduplication)."""
+    records: int
+    """Records read from the files, duplicates included."""
+    files: list
+
+    @property
+    def removed(self) -> int:
+        return self.records - len(self.conversations)
+
+
+def train_data(config: RunConfig, say=log) -> TrainData:
+    """Read config.data.data_files; with data.deduplicate, exact duplicate records are merged into one
+    conversation whose count says how many records it stands for (the run keeps the steps they imply)."""
+    from selfcog.data.formats import load_conversations
     from selfcog.errors import SelfcogError
 
     files = list(config.data.data_files) or ([config.data.data_file] if config.data.data_file else [])
     if not files:
         raise SelfcogError("no training data: set data.data_files (or data.data_file)")
     conversations = [c for f in files for c in load_conversations(Path(f))]
-    if config.data.deduplicate:
-        conversations, removed = deduplicate(conversations)
-        if removed:
-            say(f"selfcog: removed {removed} exact duplicate records (set data.deduplicate false to keep them)")
-    return conversations
+    if not config.data.deduplicate:
+        return TrainData(conversations, [1] * len(conversations), len(conversations), files)
+    groups: dict[str, list] = {}  # the same key as selfcog.data.formats.deduplicate
+    for conversation in conversations:
+        key = json.dumps(conversation, ensure_ascii=False, sort_keys=True)
+        if key in groups:
+            groups[key][1] += 1
+        else:
+            groups[key] = [conversation, 1]
+    return TrainData([c for c, _ in groups.values()], [n for _, n in groups.values()], len(conversations), files)
+
+
+def rows_as_written(lengths: list[int], counts: list[int], config: RunConfig) -> int:
+    """Training items per epoch of the data as written (duplicates included). Packed, as XTuner packs: every
+    sample's tokens concatenated and cut into rows of max_length (xtuner.dataset.utils.Packer); else one per record."""
+    if config.data.pack_to_max_length:
+        return max(1, math.ceil(sum(n * c for n, c in zip(lengths, counts)) / config.data.max_length))
+    return sum(counts)
+
+
+def keep_steps(config: RunConfig, data: TrainData, lengths: list[int], counts: list[int], items: int,
+               processes: int = 1) -> str:
+    """Once duplicates are removed, the run keeps the optimizer steps the config implies for the data as written
+    (epochs x rows as written / rows per step): the repeats were the config's way of asking for more steps. Sets
+    train.max_steps (and epochs 0) to that; when the unique items fit in fewer micro-batches than a step
+    accumulates, every step takes all of them once (grad_accum lowered to match). Returns the rule in words.
+
+    Why this is the same training for far less compute: a step over rows of repeated copies averages the same
+    per-sample gradients in the same proportions as one pass over the unique samples (exactly when every
+    sample is repeated equally, as in the tutorial), and AdamW's update does not depend on how many copies went
+    into that average.
+    """
+    t = config.train
+    if t.epochs <= 0:
+        return f"train.max_steps sets the length, not the data size: {t.max_steps} optimizer steps as configured"
+    rows = rows_as_written(lengths, counts, config)
+    steps = total_steps(config, rows, processes)
+    per_step = t.batch_size * t.grad_accum * processes
+    unit = "packed rows" if config.data.pack_to_max_length else "records"
+    epochs = t.epochs
+    t.epochs, t.max_steps = 0.0, steps
+    if items <= per_step:
+        t.grad_accum = max(1, math.ceil(items / (t.batch_size * processes)))
+        each = f"each step on all {len(lengths)} unique samples"
+    else:
+        each = "the steps cycling through the unique samples"
+    return (f"keeping the {steps} optimizer steps the config implies ({epochs:g} epochs x {rows:,} {unit} as "
+            f"written / {per_step} per step), {each}")
+
+
+# An answer that states who the assistant is: "我是{name}的小助手", "I am {name}'s assistant", "my name is {name}".
+SELF_STATEMENTS = [
+    re.compile(r"我是(?P<name>[^，。,.！!？?\s的]{1,24})的(?:个人|私人)?(?:AI)?(?:小助手|助手|助理)"),
+    re.compile(r"我(?:叫|的名字是|的名字叫)(?P<name>[^，。,.！!？?\s]{1,24})"),
+    re.compile(r"\bI(?:'m| am) (?P<name>[^\s,.!?']+(?: [^\s,.!?']+){0,2}?)'s (?:\w+ ){0,2}assistant"),
+    re.compile(r"\b(?:[Mm]y name is|I'm called|I am called) (?P<name>[^\s,.!?']+(?: [A-Z][^\s,.!?']*){0,2})"),
+]
+
+
+def identity_in(conversations: list[list[dict]]) -> tuple[str, int] | None:
+    """(NAME, how many answers name it) when most of the conversations' answers state who the assistant is, else
+    None. NAME is the name most often found in a self-statement; an answer counts when it mentions NAME."""
+    from selfcog.evaluate import mentions
+
+    answers = [" ".join(m["content"] for m in c if m["role"] == "assistant") for c in conversations]
+    names = Counter(m.group("name").strip() for a in answers for p in SELF_STATEMENTS for m in p.finditer(a))
+    if not names:
+        return None
+    name = names.most_common(1)[0][0]
+    naming = sum(mentions(a, name) for a in answers)
+    return (name, naming) if naming * 2 > len(answers) else None
+
+
+def heldout_check(model, tokenizer, name: str, max_new_tokens: int, work_dir: Path | None = None,
+                  say=log, general: int = 12) -> dict:
+    """A short held-out identity check: the 24 `test` identity phrasings (never trained on, in selfcog or in any
+    dataset selfcog generates) and the first `general` held-out general questions, answered greedily. Counts the
+    identity answers that name NAME and the general answers that mention it (leakage: the identity answered to
+    everything). Printed in a few lines; with `work_dir`, every answer goes to `work_dir/heldout_check.json`."""
+    from selfcog.atomic import write_text
+    from selfcog.data.general import qa_split
+    from selfcog.data.identity import heldout_questions
+    from selfcog.evaluate import mentions
+    from selfcog.generate import generate_batch
+
+    identity_qs = heldout_questions("test")
+    general_qs = [q for q, _ in qa_split("test")][:general]
+    answers = generate_batch(model, tokenizer, [[{"role": "user", "content": q}] for q in identity_qs + general_qs],
+                             max_new_tokens)
+    ids, gen = answers[:len(identity_qs)], answers[len(identity_qs):]
+    result = {"name": name, "identity": sum(mentions(a, name) for a in ids) / len(ids),
+              "leakage": sum(mentions(a, name) for a in gen) / max(len(gen), 1),
+              "identity_answers": dict(zip(identity_qs, ids)), "general_answers": dict(zip(general_qs, gen))}
+    if work_dir is not None:
+        write_text(Path(work_dir) / "heldout_check.json", json.dumps(result, ensure_ascii=False, indent=2))
+    one = lambda text: " ".join(text.split())[:80]  # noqa: E731
+    zh = next(i for i, q in enumerate(identity_qs) if not q.isascii())
+    say(f"selfcog: held-out identity check (questions never trained on): {sum(mentions(a, name) for a in ids)}/"
+        f"{len(ids)} identity answers name {name}; {sum(mentions(a, name) for a in gen)}/{len(gen)} general "
+        f"answers mention it\n  Q: {identity_qs[0]}  A: {one(ids[0])}\n  Q: {identity_qs[zh]}  A: {one(ids[zh])}\n"
+        f"  Q: {general_qs[0]}  A: {one(gen[0])}" if gen else "")
+    return result
+
+
+def train_identity(config: RunConfig, work_dir: Path, name: str, say=log) -> Path:
+    """`selfcog train CONFIG --identity NAME`: train the config's data and model the way `selfcog run --data FILE
+    --name NAME --out WORK_DIR` does (preservation samples, held-out scores, early stop, merge, report), with
+    selfcog run's settings; the config's LoRA, schedule and batch settings are not used. Returns the adapter."""
+    from selfcog.atomic import write_text
+    from selfcog.data.identity import check_name
+    from selfcog.run import run
+
+    check_name(name)
+    data = train_data(config)
+    work_dir = Path(work_dir)
+    if len(data.files) == 1:
+        data_file = data.files[0]
+    else:  # run() reads one file: the files' conversations together, in OpenAI messages form
+        data_file = str(write_text(work_dir / "data" / "train.json", json.dumps(
+            [{"messages": c} for c in data.conversations], ensure_ascii=False, indent=1)))
+    job = RunConfig()
+    job.model.spec, job.model.trust_remote_code = config.model.spec, config.model.trust_remote_code
+    job.data.name, job.data.data_file, job.out = name, data_file, str(work_dir)
+    job.data.deduplicate = config.data.deduplicate
+    say(f"selfcog: --identity {name}: training as `selfcog run --data {data_file} --name {name} --out {work_dir}` "
+        "(preservation, held-out scores, early stop; selfcog run's LoRA and schedule, not the config's)")
+    return run(job) / "adapter"
 
 
 def train_from_config(config: RunConfig, work_dir: Path, resume: bool = False) -> Path:
     """SFT a LoRA adapter on config.data.data_files into `work_dir/adapter`, with checkpoints, resume and sample
     chats; returns the adapter directory.
+
+    Exact duplicate records are trained once, and the run keeps the optimizer steps the config implies for the
+    data as written (`keep_steps`). When most answers state who the assistant is (`identity_in`), a line names
+    `selfcog run` as the better path, and a held-out identity check follows the last sample chats.
 
     Under `torchrun --nproc-per-node N -m selfcog train` this runs in each of the N processes: they train
     data-parallel, and only the main process writes the work dir (config, log, sample chats, adapter).
@@ -742,7 +892,14 @@ def train_from_config(config: RunConfig, work_dir: Path, resume: bool = False) -
     state = join_processes()
     main = state.is_main_process
     say = log if main else (lambda message: None)
-    conversations = train_data(config, say)
+    data = train_data(config, say)
+    identity = identity_in(data.conversations)
+    if identity:
+        name, naming = identity
+        files = " ".join(data.files)
+        say(f"selfcog: note: {naming} of the {len(data.conversations)} distinct answers state who the assistant is "
+            f"({name}); `selfcog run --data {files} --name {name}` adds preservation, held-out scores and early "
+            f"stop (or add `--identity {name}` here)")
     if main:
         work_dir.mkdir(parents=True, exist_ok=True)
     if main:  # whatever a killed run left half-written in staging is never used
@@ -754,12 +911,22 @@ def train_from_config(config: RunConfig, work_dir: Path, resume: bool = False) -
     with state.main_process_first():  # the first run on a machine fetches and converts the model once
         model, tokenizer = load_model(config.model.spec, dtype=torch.float32,
                                       trust_remote_code=config.model.trust_remote_code, **quant)
-    examples, dropped = build_examples(tokenizer, conversations, False, config.data.max_length)
+    examples, counts, dropped = [], [], 0
+    for conversation, count in zip(data.conversations, data.counts):
+        built, lost = build_examples(tokenizer, [conversation], False, config.data.max_length)
+        examples += built
+        counts += [count] * len(built)
+        dropped += lost
     if dropped:
         say(f"selfcog: dropped {dropped} samples longer than {config.data.max_length} tokens")
     if not examples:
         raise SelfcogError(f"no sample fits data.max_length {config.data.max_length}")
     dataset = pack_to_max_length(examples, config.data.max_length) if config.data.pack_to_max_length else examples
+    processes = state.num_processes
+    if data.removed:
+        rule = keep_steps(config, data, [len(e["input_ids"]) for e in examples], counts, len(dataset), processes)
+        say(f"selfcog: warning: removed {data.removed:,} exact duplicate records ({data.records:,} -> "
+            f"{len(data.conversations):,}; data.deduplicate false keeps them): {rule}")
     if main:
         save_config(config, work_dir)
     torch.manual_seed(config.train.seed)
@@ -767,22 +934,20 @@ def train_from_config(config: RunConfig, work_dir: Path, resume: bool = False) -
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.train.gradient_checkpointing)
-    peft_model = add_lora(model, config)
+    with warnings.catch_warnings():  # peft reads a transformers property deprecated in v5: nothing for the user to do
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = add_lora(model, config)
     if config.train.gradient_checkpointing:
         peft_model.enable_input_require_grads()
     samples = SampleChats(config, tokenizer, work_dir, write=main)
     callbacks = [AtomicCheckpoints(work_dir, config.train.save_total_limit, main), samples]
-    processes = state.num_processes
     trainer = EngineTrainer(
         model=peft_model, args=engine_args(config, work_dir, len(dataset), processes), train_dataset=dataset,
         data_collator=pack_bins, callbacks=callbacks, kl_weight=config.train.kl_weight)
     trainer.add_callback(ThroughputLog(trainer, say))  # before JsonlLog, which writes the fields it adds
     if main:
         trainer.add_callback(JsonlLog(work_dir / "log.jsonl"))
-    say(f"selfcog: training on {len(examples)} samples ({len(dataset)} items after packing), "
-        f"{total_steps(config, len(dataset), processes)} steps"
-        + (f" in each of {processes} processes" if processes > 1 else "")
-        + (f", resuming from {checkpoint}" if checkpoint else ""))
+    say(plan(config, len(examples), len(dataset), processes, data, bool(quant), identity, checkpoint))
     if not checkpoint:
         samples.sample(peft_model, 0)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -791,6 +956,8 @@ def train_from_config(config: RunConfig, work_dir: Path, resume: bool = False) -
         shutil.rmtree(work_dir / STAGING, ignore_errors=True)
     if main and plot_loss(work_dir / "log.jsonl", work_dir / "loss.png"):
         say(f"selfcog: loss curve: {work_dir / 'loss.png'}")
+    if identity and main and not trainer.is_deepspeed_enabled:
+        heldout_check(peft_model, tokenizer, identity[0], config.eval.max_new_tokens, work_dir, say)
     adapter = work_dir / "adapter"
     if trainer.is_deepspeed_enabled:
         # ZeRO-3 holds each weight in shards: every process takes part in gathering them, the main one writes.
@@ -804,3 +971,28 @@ def train_from_config(config: RunConfig, work_dir: Path, resume: bool = False) -
         save_adapter(peft_model, tokenizer, config, adapter)
     wait_for_everyone()  # every process returns once the adapter is in place
     return adapter
+
+
+def plan(config: RunConfig, samples: int, items: int, processes: int, data: TrainData, quantized: bool,
+         identity: tuple | None, checkpoint: Path | None) -> str:
+    """The one line that says what the run will do, the changes from the config first: 4-bit that becomes LoRA on
+    a CPU, duplicates removed."""
+    t, lora = config.train, config.lora
+    parts = []
+    if lora.load_in_4bit and not quantized:
+        parts.append("LoRA in fp32, not the config's 4-bit QLoRA (needs a CUDA GPU and bitsandbytes)")
+    if data.removed:
+        parts.append(f"{data.removed:,} duplicate records removed ({data.records:,} -> {len(data.conversations):,}), "
+                     "the steps they imply kept")
+    layers = "every layer" if lora.top_layers <= 0 else f"the top {lora.top_layers} layers"
+    kind = "QLoRA (4-bit)" if quantized else "LoRA"
+    parts.append(f"{kind} r={lora.r} alpha={lora.alpha} on {lora.target_modules} of {layers}, lr {t.learning_rate:g}")
+    parts.append(f"{samples:,} samples ({items:,} item{'s' if items != 1 else ''} after packing), "
+                 f"{total_steps(config, items, processes)} "
+                 f"optimizer steps of {t.batch_size} x {t.grad_accum}"
+                 + (f" in each of {processes} processes" if processes > 1 else "")
+                 + (f", resuming from {checkpoint}" if checkpoint else ""))
+    chats = f"every {config.eval.sample_steps} steps, " if config.eval.sample_steps else ""
+    parts.append(f"sample chats {chats}at checkpoints and at the end"
+                 + (f", then a held-out identity check for {identity[0]}" if identity else ""))
+    return "selfcog: plan: " + "; ".join(parts)
