@@ -276,6 +276,8 @@ def train(config_source, dry_run, work_dir, resume, overrides, verbose, identity
     """
     from selfcog.config import apply_overrides, dump_config, resolve_train_config
 
+    if identity_name is not None and resume:
+        raise SelfcogError("--identity: trains from the start (no --resume)")
     config = apply_overrides(resolve_train_config(config_source, verbose), list(overrides))
     if dry_run:
         click.echo(dump_config(config), nl=False)
@@ -285,8 +287,6 @@ def train(config_source, dry_run, work_dir, resume, overrides, verbose, identity
 
     work = Path(work_dir) if work_dir else Path("work_dirs") / Path(config_source).stem
     if identity_name is not None:
-        if resume:
-            raise SelfcogError("--identity: trains from the start (no --resume)")
         click.echo(f"adapter: {train_identity(config, work, identity_name)}")
         return
     adapter = train_from_config(config, work, resume=resume)

@@ -3,7 +3,10 @@ without executing or importing anything; presets and `selfcog config list/copy`.
 
 from __future__ import annotations
 
+import json
+import math
 import sys
+from pathlib import Path
 
 import yaml
 from click.testing import CliRunner
@@ -456,3 +459,184 @@ def test_a_deepspeed_name_in_an_xtuner_config_is_ignored_by_name(tmp_path):
     config, warnings = load_xtuner_config(write(tmp_path, SEED_CONFIG + "\ndeepspeed = 'deepspeed_zero2'\n"))
     assert config.train.deepspeed == ""
     assert [w for w in warnings if "ignoring deepspeed = 'deepspeed_zero2'" in w and "train.deepspeed" in w]
+
+
+# --- The tutorial through `selfcog train` (issue 15): quiet import, duplicates keep the steps, identity data named --
+
+TUTORIAL_NAME = "伍鲜同志"
+TUTORIAL_MODEL = "/root/InternLM/XTuner/Shanghai_AI_Laboratory/internlm2-chat-1_8b"
+
+
+def tutorial_files(tmp_path, model_dir):
+    """`selfcog data --repeat 3750` into datas/assistant.json and the tutorial's config with the model path pointed
+    at `model_dir` (the tutorial's own edits, data path and evaluation inputs, are already in SEED_CONFIG)."""
+    made = CliRunner().invoke(main, ["data", "--name", TUTORIAL_NAME, "--repeat", "3750",
+                                     "--out", str(tmp_path / "datas" / "assistant.json")])
+    assert made.exit_code == 0, made.output
+    return write(tmp_path, SEED_CONFIG.replace(TUTORIAL_MODEL, str(model_dir)),
+                 "internlm2_chat_1_8b_qlora_alpaca_e3_copy.py")
+
+
+def warning_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "warning" in line.lower()]
+
+
+def test_the_tutorial_config_imports_with_one_summary_line_and_v_lists_every_setting(tmp_path):
+    path = write(tmp_path, SEED_CONFIG, "internlm2_chat_1_8b_qlora_alpaca_e3_copy.py")
+    quiet = CliRunner().invoke(main, ["train", str(path), "--dry-run"])
+    assert quiet.exit_code == 0, quiet.output
+    lines = quiet.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    verbose = CliRunner().invoke(main, ["train", str(path), "--dry-run", "-v"])
+    listed = verbose.stderr.strip().splitlines()
+    assert "settings without a selfcog meaning" not in verbose.stderr
+    # The summary counts and names exactly the settings -v lists one a line.
+    assert lines[0].startswith(f"selfcog: warning: xtuner: {len(listed)} settings without a selfcog meaning: ")
+    assert lines[0].endswith("; `--dry-run -v` lists them")
+    for name in ("visualizer", "log_level", "resume", "sequence_parallel_size", "randomness.seed"):
+        assert name in lines[0] and [line for line in listed if name in line], name
+    assert verbose.stdout == quiet.stdout
+
+
+def test_settings_that_change_the_training_keep_a_line_each(tmp_path):
+    from selfcog.xtuner import load_xtuner_report
+
+    text = SEED_CONFIG.replace("eta_min=0.0", "eta_min=1e-5").replace("load_in_8bit=False", "load_in_8bit=True")
+    _, report = load_xtuner_report(write(tmp_path, text))
+    assert len(report.changes) == 2, report.changes
+    assert any("load_in_8bit" in line for line in report.changes)
+    assert any("eta_min = 1e-05" in line for line in report.changes)
+    lines = report.lines()
+    assert lines[:2] == report.changes and len(lines) == 3 and "settings without a selfcog meaning" in lines[2]
+
+
+def test_tutorial_data_keeps_the_steps_the_config_implies(tmp_path):
+    """2 pairs x 3750: the 7,498 duplicates go, and the run keeps the optimizer steps XTuner would take over all
+    7,500 records: 3 epochs of their tokens cut into 2,048-token rows, 16 rows per step."""
+    from selfcog.data.identity import Persona, seed_records
+    from selfcog.templates import encode_example
+    from selfcog.train import keep_steps, pack_to_max_length, train_data
+    from selfcog.xtuner import load_xtuner_config
+    from conftest import build_tokenizer
+
+    data_file = tmp_path / "assistant.json"
+    data_file.write_text(json.dumps(seed_records(Persona(TUTORIAL_NAME), 3750), ensure_ascii=False))
+    config, _ = load_xtuner_config(write(tmp_path, SEED_CONFIG))
+    config.data.data_files = [str(data_file)]
+    data = train_data(config)
+    assert (data.records, len(data.conversations), data.counts, data.removed) == (7500, 2, [3750, 3750], 7498)
+
+    tokenizer = build_tokenizer()
+    lengths = [len(encode_example(tokenizer, c)[0]) for c in data.conversations]
+    # XTuner's Packer, written out: every record's tokens in a row, cut every max_length tokens.
+    stream = sum(lengths) * 3750
+    rows = len(range(0, stream, 2048))
+    expected = 3 * math.ceil(rows / 16)
+    items = pack_to_max_length([{"input_ids": [0] * n} for n in lengths], config.data.max_length)
+    rule = keep_steps(config, data, lengths, data.counts, len(items))
+    assert f"keeping the {expected} optimizer steps" in rule and f"{rows:,} packed rows" in rule, rule
+    assert (config.train.max_steps, config.train.epochs, config.train.grad_accum) == (expected, 0.0, 1)
+    assert "each step on all 2 unique samples" in rule
+
+
+def test_keep_steps_without_packing_and_with_max_steps():
+    from selfcog.config import RunConfig
+    from selfcog.train import TrainData, keep_steps
+
+    config = RunConfig()
+    config.train.epochs, config.train.batch_size, config.train.grad_accum = 2.0, 4, 2
+    data = TrainData([[]] * 10, [3] * 10, 30, ["d.json"])
+    rule = keep_steps(config, data, [20] * 10, [3] * 10, 10)
+    # 30 records as written: 8 batches of 4 per epoch, 4 steps of 2 batches; 2 epochs.
+    assert config.train.max_steps == 8 and config.train.grad_accum == 2 and "cycling" in rule
+    config = RunConfig()
+    config.train.max_steps = 17
+    assert "17 optimizer steps as configured" in keep_steps(config, data, [20] * 10, [3] * 10, 10)
+    assert config.train.max_steps == 17
+
+
+def test_identity_data_is_recognised():
+    from selfcog.data.formats import to_messages
+    from selfcog.data.identity import Persona, identity_records, seed_records
+    from selfcog.train import identity_in
+
+    def convs(records):
+        return [to_messages(r) for r in records]
+
+    assert identity_in(convs(seed_records(Persona(TUTORIAL_NAME), 1))) == (TUTORIAL_NAME, 2)
+    name, naming = identity_in(convs(identity_records(Persona("Alice"))))
+    assert name == "Alice" and naming >= 0.9 * len(identity_records(Persona("Alice")))
+    mixed = [{"conversation": [{"input": q, "output": a}]} for q, a in [
+        ("Who are you?", "I am Alice's assistant."), ("What can you do?", "I answer questions."),
+        ("What is the capital of France?", "Paris."), ("Two plus two?", "Four.")]]
+    assert identity_in(convs(mixed)) is None
+    assert identity_in(convs([{"conversation": [{"input": "Hi", "output": "Hello! How can I help?"}]}])) is None
+
+
+def test_the_tutorial_through_selfcog_train(tiny_model_dir, tmp_path):
+    """The tutorial's config and data on the tiny model: at most 3 warning lines, the two changes (4-bit on a
+    CPU, duplicates) stated in the plan before training, the implied steps taken, `selfcog run` named, and a
+    held-out identity check after the last sample chats."""
+    import torch
+
+    from selfcog.templates import encode_example
+    from conftest import build_tokenizer
+
+    path = tutorial_files(tmp_path, tiny_model_dir)
+    work = tmp_path / "w"
+    result = CliRunner().invoke(main, ["train", str(path), "--work-dir", str(work)])
+    assert result.exit_code == 0, result.output
+    err = result.stderr
+    warned = warning_lines(err)
+    assert len(warned) <= 3, warned
+    assert "settings without a selfcog meaning" in warned[0]
+    dedup = [line for line in warned if "removed 7,498 exact duplicate records (7,500 -> 2" in line]
+    assert len(dedup) == 1
+    if not torch.cuda.is_available():
+        assert [line for line in warned if "load_in_4bit needs a CUDA GPU" in line]
+
+    tokenizer = build_tokenizer()
+    records = json.loads((tmp_path / "datas" / "assistant.json").read_text())
+    stream = sum(len(encode_example(tokenizer, [{"role": "user", "content": r["conversation"][0]["input"]},
+                                                {"role": "assistant", "content": r["conversation"][0]["output"]}])[0])
+                 for r in records[:2]) * 3750
+    expected = 3 * math.ceil(len(range(0, stream, 2048)) / 16)
+    assert f"keeping the {expected} optimizer steps" in dedup[0]
+    state = json.loads((work / f"checkpoint-{expected}" / "trainer_state.json").read_text())
+    assert state["global_step"] == expected
+    saved = yaml.safe_load((work / "selfcog.yaml").read_text())["train"]
+    assert (saved["max_steps"], saved["epochs"], saved["grad_accum"]) == (expected, 0.0, 1)
+
+    lines = err.splitlines()
+    plan = next(i for i, line in enumerate(lines) if line.startswith("selfcog: plan: "))
+    assert plan < next(i for i, line in enumerate(lines) if "sample chats at step 0" in line)
+    assert "duplicate records removed" in lines[plan]
+    assert torch.cuda.is_available() or "not the config's 4-bit QLoRA" in lines[plan]
+    assert f"`selfcog run --data datas/assistant.json --name {TUTORIAL_NAME}`" in err
+    last_chats = next(i for i, line in enumerate(lines) if f"sample chats at step {expected}" in line)
+    check = next(i for i, line in enumerate(lines) if line.startswith("selfcog: held-out identity check"))
+    assert check > last_chats and f"identity answers name {TUTORIAL_NAME}" in lines[check]
+    heldout = json.loads((work / "heldout_check.json").read_text())
+    assert heldout["name"] == TUTORIAL_NAME and len(heldout["identity_answers"]) == 24
+    assert (work / "adapter" / "adapter_config.json").exists()
+
+
+def test_identity_flag_trains_like_selfcog_run(tiny_model_dir, tmp_path, monkeypatch):
+    import selfcog.run
+
+    seen = {}
+
+    def fake_run(config):
+        seen["config"] = config
+        return Path(config.out)
+
+    monkeypatch.setattr(selfcog.run, "run", fake_run)
+    path = tutorial_files(tmp_path, tiny_model_dir)
+    result = CliRunner().invoke(main, ["train", str(path), "--identity", TUTORIAL_NAME, "--work-dir", "w"])
+    assert result.exit_code == 0, result.output
+    job = seen["config"]
+    assert (job.data.name, job.data.data_file, job.out) == (TUTORIAL_NAME, "datas/assistant.json", "w")
+    assert job.model.spec == str(tiny_model_dir) and job.train.kl_weight > 0 and job.eval.eval_steps > 0
+    assert result.stdout.strip().endswith("adapter: w/adapter")
+    again = CliRunner().invoke(main, ["train", str(path), "--identity", TUTORIAL_NAME, "--resume"])
+    assert again.exit_code == 2 and len(again.output.strip().splitlines()) == 1
