@@ -885,6 +885,7 @@ def train_from_config(config: RunConfig, work_dir: Path, resume: bool = False) -
     from selfcog.distributed import check_deepspeed, join_processes, liger_args, wait_for_everyone
     from selfcog.errors import SelfcogError
     from selfcog.models import load_model
+    from selfcog.templates import set_default_system_prompt
 
     work_dir = Path(work_dir)
     check_deepspeed(config.train.deepspeed)
@@ -911,6 +912,10 @@ def train_from_config(config: RunConfig, work_dir: Path, resume: bool = False) -
     with state.main_process_first():  # the first run on a machine fetches and converts the model once
         model, tokenizer = load_model(config.model.spec, dtype=torch.float32,
                                       trust_remote_code=config.model.trust_remote_code, **quant)
+    # One default system prompt for training, the sample chats, the adapter's tokenizer and so the merged model,
+    # as in `selfcog run` (the base template's own often names the base model).
+    system = config.data.system_prompt if config.data.system_prompt and \
+        set_default_system_prompt(tokenizer, config.data.system_prompt) else None
     examples, counts, dropped = [], [], 0
     for conversation, count in zip(data.conversations, data.counts):
         built, lost = build_examples(tokenizer, [conversation], False, config.data.max_length)
@@ -947,7 +952,7 @@ def train_from_config(config: RunConfig, work_dir: Path, resume: bool = False) -
     trainer.add_callback(ThroughputLog(trainer, say))  # before JsonlLog, which writes the fields it adds
     if main:
         trainer.add_callback(JsonlLog(work_dir / "log.jsonl"))
-    say(plan(config, len(examples), len(dataset), processes, data, bool(quant), identity, checkpoint))
+    say(plan(config, len(examples), len(dataset), processes, data, bool(quant), identity, checkpoint, system))
     if not checkpoint:
         samples.sample(peft_model, 0)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -974,7 +979,7 @@ def train_from_config(config: RunConfig, work_dir: Path, resume: bool = False) -
 
 
 def plan(config: RunConfig, samples: int, items: int, processes: int, data: TrainData, quantized: bool,
-         identity: tuple | None, checkpoint: Path | None) -> str:
+         identity: tuple | None, checkpoint: Path | None, system: str | None = None) -> str:
     """The one line that says what the run will do, the changes from the config first: 4-bit that becomes LoRA on
     a CPU, duplicates removed."""
     t, lora = config.train, config.lora
@@ -987,6 +992,8 @@ def plan(config: RunConfig, samples: int, items: int, processes: int, data: Trai
     layers = "every layer" if lora.top_layers <= 0 else f"the top {lora.top_layers} layers"
     kind = "QLoRA (4-bit)" if quantized else "LoRA"
     parts.append(f"{kind} r={lora.r} alpha={lora.alpha} on {lora.target_modules} of {layers}, lr {t.learning_rate:g}")
+    if system:
+        parts.append(f"default system prompt {system!r}")
     parts.append(f"{samples:,} samples ({items:,} item{'s' if items != 1 else ''} after packing), "
                  f"{total_steps(config, items, processes)} "
                  f"optimizer steps of {t.batch_size} x {t.grad_accum}"

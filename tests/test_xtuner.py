@@ -579,7 +579,7 @@ def test_the_tutorial_through_selfcog_train(tiny_model_dir, tmp_path):
     held-out identity check after the last sample chats."""
     import torch
 
-    from selfcog.templates import encode_example
+    from selfcog.templates import encode_example, set_default_system_prompt
     from conftest import build_tokenizer
 
     path = tutorial_files(tmp_path, tiny_model_dir)
@@ -595,7 +595,8 @@ def test_the_tutorial_through_selfcog_train(tiny_model_dir, tmp_path):
     if not torch.cuda.is_available():
         assert [line for line in warned if "load_in_4bit needs a CUDA GPU" in line]
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer()  # as selfcog train renders: with the default system prompt of data.system_prompt
+    set_default_system_prompt(tokenizer, RunConfig().data.system_prompt)
     records = json.loads((tmp_path / "datas" / "assistant.json").read_text())
     stream = sum(len(encode_example(tokenizer, [{"role": "user", "content": r["conversation"][0]["input"]},
                                                 {"role": "assistant", "content": r["conversation"][0]["output"]}])[0])
