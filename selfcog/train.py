@@ -307,6 +307,7 @@ class IdentityEarlyStop(TrainerCallback):
         self.seconds += time.perf_counter() - began
         entry = {"step": state.global_step, **dev.summary()}
         entry.pop("questions")
+        entry["failures"] = dev.failures()  # which dev questions missed the name, leaked or were lost
         self.history.append(entry)
         log(f"selfcog: step {state.global_step} dev identity {dev.asked:.2f} "
             f"retention {fmt(entry['retention'])} (zh {fmt(entry['retention_zh'])}) "
@@ -836,12 +837,11 @@ def heldout_check(model, tokenizer, name: str, max_new_tokens: int, work_dir: Pa
               "identity_answers": dict(zip(identity_qs, ids)), "general_answers": dict(zip(general_qs, gen))}
     if work_dir is not None:
         write_text(Path(work_dir) / "heldout_check.json", json.dumps(result, ensure_ascii=False, indent=2))
-    one = lambda text: " ".join(text.split())[:80]  # noqa: E731
     zh = next(i for i, q in enumerate(identity_qs) if not q.isascii())
+    examples = [(identity_qs[0], ids[0]), (identity_qs[zh], ids[zh])] + list(zip(general_qs, gen))[:1]
     say(f"selfcog: held-out identity check (questions never trained on): {sum(mentions(a, name) for a in ids)}/"
         f"{len(ids)} identity answers name {name}; {sum(mentions(a, name) for a in gen)}/{len(gen)} general "
-        f"answers mention it\n  Q: {identity_qs[0]}  A: {one(ids[0])}\n  Q: {identity_qs[zh]}  A: {one(ids[zh])}\n"
-        f"  Q: {general_qs[0]}  A: {one(gen[0])}" if gen else "")
+        "answers mention it" + "".join(f"\n  Q: {q}  A: {' '.join(a.split())[:80]}" for q, a in examples))
     return result
 
 
