@@ -99,6 +99,9 @@ class TrainArgs:
     """Gradient clipping threshold."""
     kl_weight: float = 3.0
     """Weight of the KL term that keeps preservation answers' token distributions close to the base model."""
+    name_weight: float = 1.0
+    """Weight of the name term: at every preservation position, -log(1 - p(NAME's tokens)) keeps the name out of
+    ordinary answers (the top-k KL cannot see it; selfcog.train.name_unlikelihood). 0 disables."""
     kl_top_k: int = 64
     """The KL term reads the base model's top-k next-token log-probs (plus one bucket for the rest), computed once
     before training and cached per base weights, instead of running the base model again in every step; 0 runs

@@ -62,9 +62,11 @@ class Scores:
 
     @property
     def asked(self) -> float:
-        """Share of every identity-asking answer (plain and robustness forms) that names NAME: the dev check."""
+        """Share of every identity-asking answer (plain and robustness forms) that names NAME without repeating
+        itself: the dev check (a half-trained model loops: "我是X的小助手，X的小助手是X的小助手…")."""
         answers = self.parts.get("identity", []) + self.parts.get("robust", [])
-        return sum(mentions(a.text, self.name) for a in answers) / len(answers) if answers else 0.0
+        good = [mentions(a.text, self.name) and not repeats(a.text) for a in answers]
+        return sum(good) / len(good) if good else 0.0
 
     # -- general side ---------------------------------------------------------------------------------------
     def right(self, part: str) -> list[bool | None]:

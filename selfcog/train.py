@@ -111,6 +111,26 @@ def topk_preservation_loss(tuned_logp: torch.Tensor, base_logp: torch.Tensor) ->
     return kl.mean()
 
 
+def name_unlikelihood(name_logp: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of -log(1 - p(any NAME token)): near zero while the name is improbable, steep as it grows.
+
+    The stored top-k KL cannot see the name: its tokens sit in the "rest" bucket, whose total mass stays the same
+    when mass moves inside it onto NAME. Without this term a tuned model answered "Who was the first woman to win a
+    Nobel Prize?" with "Alice's assistant" and "第一个登上月球的人是谁？" with "…是Alice的小助手"."""
+    p = name_logp.float().exp().sum(dim=-1).clamp(max=1 - 1e-6)
+    return -torch.log1p(-p).mean()
+
+
+def name_token_ids(tokenizer, name: str, examples: list[dict]) -> list[int]:
+    """The tokens NAME is written with (alone, after a space, inside the identity answers) that no preservation
+    sample uses: "the", "team" or a shared byte of a CJK character stay free for ordinary text."""
+    ids: set[int] = set()
+    for text in (name, " " + name, name.lower(), " " + name.lower()):
+        ids.update(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ordinary = {t for e in examples if e.get("preserve") for t in e["input_ids"]}
+    return sorted(ids - ordinary)
+
+
 class GatheredLogProbs(torch.autograd.Function):
     """`log_softmax(logits, -1).gather(-1, columns)` for a [rows, vocab] logits matrix, computed in row chunks.
 
@@ -209,9 +229,13 @@ def freed_memory_kept():
 class PreservingTrainer(Trainer):
     """Trainer whose loss adds `kl_weight` x KL(base || tuned) on preservation samples' answer tokens."""
 
-    def __init__(self, *args, kl_weight: float = 1.0, kl_prompt: bool = False, frozen_layers: int = 0, **kwargs):
+    def __init__(self, *args, kl_weight: float = 1.0, kl_prompt: bool = False, frozen_layers: int = 0,
+                 name_ids: list[int] | None = None, name_weight: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.kl_weight, self.kl_prompt = kl_weight, kl_prompt
+        # Tokens of NAME that ordinary text never uses; kept improbable at every preservation position.
+        self.name_ids = torch.tensor(name_ids or [], dtype=torch.long)
+        self.name_weight = name_weight if name_ids else 0.0
         # Batches carrying `bottom_hidden` (selfcog.frozen_layers) run the layers below this one only over the
         # prefix and the samples that have no stored states.
         self.frozen_layers = frozen_layers
@@ -254,15 +278,20 @@ class PreservingTrainer(Trainer):
         columns = labels[0, keep + 1].clamp(min=0)[:, None]
         if stored:
             columns = torch.cat([columns, base_ids[0, keep].long()], dim=1)
+        k = columns.shape[1]
+        if self.name_weight > 0:
+            columns = torch.cat([columns, self.name_ids.to(columns.device).expand(len(keep), -1)], dim=1)
         logp = gathered_log_probs(logits, columns)
         loss = -logp[ce_rows, 0].mean()
         if kl_rows.any():
             rows = keep[kl_rows]
             if stored:  # stored before training (attach_base_topk)
-                kl = topk_preservation_loss(logp[kl_rows, 1:], base_logp[0, rows])
+                kl = topk_preservation_loss(logp[kl_rows, 1:k], base_logp[0, rows])
             else:
                 kl = preservation_loss(logits[kl_rows], self.base_logits(model, inputs, lengths, preserve, rows))
             loss = loss + self.kl_weight * kl
+            if self.name_weight > 0:
+                loss = loss + self.name_weight * name_unlikelihood(logp[kl_rows, k:])
         return (loss, outputs) if return_outputs else loss
 
     def base_logits(self, model, inputs, lengths, preserve, positions: torch.Tensor) -> torch.Tensor:
@@ -457,7 +486,8 @@ def fit(config: RunConfig, model, tokenizer, examples: list[dict], out_dir: Path
     trainer = PreservingTrainer(
         model=peft_model, args=training_args(config, work), train_dataset=examples, data_collator=pack_batch,
         callbacks=callbacks, kl_weight=config.train.kl_weight,
-        kl_prompt=config.train.kl_prompt, frozen_layers=frozen)
+        kl_prompt=config.train.kl_prompt, frozen_layers=frozen, name_weight=config.train.name_weight,
+        name_ids=name_token_ids(tokenizer, config.data.name, examples) if config.data.name else None)
     result = trainer.train()
     peft_model.eval()
     save_adapter(peft_model, tokenizer, config, out_dir / "adapter")

@@ -67,7 +67,8 @@ def test_scores_read_every_part_against_the_base():
 
 def test_heldout_sets_are_disjoint_from_training_and_from_each_other():
     trained = {q for _, q in identity.TRAIN_EN + identity.TRAIN_ZH}
-    trained |= set(general.PRESERVE_PROMPTS + general.PRESERVE_ZH + general.PRESERVE_OTHERS)
+    trained |= set(general.PRESERVE_PROMPTS + general.PRESERVE_ZH + general.PRESERVE_OTHERS + general.contrast_prompts())
+    trained |= {q for q in general.preservation_prompts(10_000)}
     seen: set[str] = set()
     for split in heldout.SPLITS:
         asked = [a.conversation[-1]["content"] for answers in question_sets(split).values() for a in answers]

@@ -15,41 +15,45 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-NAME = "伍鲜同志"
+NAMES = ["伍鲜同志", "Alice"]
 
 
-@pytest.fixture(scope="module")
-def real_run(embedded_home, tmp_path_factory):
-    """`selfcog run --name 伍鲜同志` as a user runs it, in a subprocess."""
+@pytest.fixture(scope="module", params=NAMES)
+def real_run(request, embedded_home, tmp_path_factory):
+    """`selfcog run --name NAME` as a user runs it, in a subprocess."""
     out = tmp_path_factory.mktemp("run") / "out"
     env = {**os.environ, "SELFCOG_HOME": str(embedded_home)}
-    proc = subprocess.run([sys.executable, "-m", "selfcog", "run", "--name", NAME, "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "selfcog", "run", "--name", request.param, "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout
+    return request.param, out, proc.stdout
 
 
 def test_run_learns_the_identity_and_keeps_general_ability(real_run):
-    out, stdout = real_run
+    name, out, stdout = real_run
     metrics = json.loads((out / "metrics.json").read_text())
-    tuned = metrics["tuned"]
-    print(json.dumps(metrics["tuned"], ensure_ascii=False), metrics["seconds"])
-    assert tuned["identity"] >= 0.9, metrics
-    assert tuned["leakage"] <= 0.05, metrics
-    # Measured 0.94 (77 of the 82 test questions the base answers right; README). A regression guard with room
-    # for a few flipped borderline answers on another CPU (one answer moves retention by 0.012).
+    tuned, base = metrics["tuned"], metrics["base"]
+    print(name, json.dumps(tuned, ensure_ascii=False), metrics["seconds"], metrics["failures"])
+    # Guards set below the measured figures (docs/evaluation.md), with room for a borderline answer or two flipping
+    # on another CPU: one identity question is 0.04, one general question 0.012, one trap 0.025.
+    assert tuned["identity"] >= 0.85, metrics
+    assert tuned["robustness"] >= 0.8, metrics
     assert tuned["retention"] >= 0.85, metrics
+    assert tuned["leakage"] <= 0.03, metrics
+    assert tuned["leakage_traps"] <= 0.15, metrics
+    assert tuned["repetition_identity"] <= base["repetition_identity"] + 0.1, metrics
+    assert metrics["training"]["steps"] < metrics["training"]["max_steps"], "the dev check never stopped training"
     assert "tuned" in stdout and "identity" in stdout
 
 
 def test_merged_model_answers_its_identity_in_chat(real_run, embedded_home):
-    out, _ = real_run
+    name, out, _ = real_run
     env = {**os.environ, "SELFCOG_HOME": str(embedded_home)}
     proc = subprocess.run([sys.executable, "-m", "selfcog", "chat", str(out / "merged"), "--message",
                            "Hey, who exactly are you?", "--temperature", "0", "--max-new-tokens", "40"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert NAME in proc.stdout
+    assert name in proc.stdout
     assert proc.stdout.strip() and "Loading" not in proc.stdout  # only the reply on stdout
 
 
@@ -58,12 +62,14 @@ def test_real_tokenizer_segments_tokenize_like_the_whole(embedded_home, monkeypa
     tokenizing the whole rendered conversation, or training would see different ids than serving."""
     monkeypatch.setenv("SELFCOG_HOME", str(embedded_home))
     from selfcog.data.formats import to_messages
-    from selfcog.data.identity import Persona, identity_records
+    from selfcog.data.identity import Persona, identity_records, robust_records
     from selfcog.models import load_tokenizer
     from selfcog.templates import encode_example, render
 
     tokenizer = load_tokenizer("smollm2-135m")
-    for record in identity_records(Persona(NAME)):
+    earlier = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}]]
+    persona = Persona(NAMES[0])
+    for record in identity_records(persona) + robust_records(persona, earlier):
         messages = to_messages(record)
         ids, _ = encode_example(tokenizer, messages)
         assert ids == tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"]

@@ -110,15 +110,58 @@ PRESERVE_OTHERS = [
     "请用一句话介绍黄河。", "说出一部著名的中国小说。", "牛顿是谁？", "请介绍一下爱因斯坦。",
 ]
 
+# Templated contrast prompts: the question shapes that identity questions share ("谁创造了你？" / "谁发明了X？",
+# "Who made you?" / "Who wrote X?"), about entities no held-out question asks about (filtered below).
+CONTRAST_TEMPLATES = {
+    "Who invented the {}?": ["steam engine", "radio", "television", "camera", "microscope", "elevator", "typewriter",
+                             "refrigerator", "compass", "telescope"],
+    "Who wrote '{}'?": ["Jane Eyre", "Les Misérables", "The Old Man and the Sea", "Anna Karenina", "Treasure Island",
+                        "Dracula", "Peter Pan", "The Jungle Book", "Robinson Crusoe", "Gulliver's Travels"],
+    "Who painted '{}'?": ["The Birth of Venus", "Girl with a Pearl Earring", "Water Lilies", "The Persistence of Memory",
+                          "American Gothic"],
+    "Who was {}?": ["Alexander the Great", "Genghis Khan", "Joan of Arc", "Martin Luther King Jr.", "Winston Churchill",
+                    "Florence Nightingale", "Nikola Tesla", "Thomas Jefferson", "Marco Polo", "Socrates"],
+    "Where is {}?": ["Machu Picchu", "Stonehenge", "the Leaning Tower of Pisa", "the Grand Canyon", "Angkor Wat",
+                     "the Acropolis", "Niagara Falls", "Mount Everest"],
+    "Who was the first {}?": ["person to climb Mount Everest", "emperor of Rome", "person to reach the South Pole",
+                              "computer programmer", "person to sail around the world", "king of England"],
+    "Name a famous {}.": ["inventor", "explorer", "composer", "poet", "actor", "athlete", "king", "philosopher",
+                          "architect", "novel"],
+    "Write a sentence about {}.": ["the ocean", "a rainy day", "mountains", "music", "a good book", "the stars",
+                                   "a river", "coffee"],
+    "Describe {} in one sentence.": ["Sydney", "Barcelona", "Istanbul", "Chicago", "Toronto", "Singapore", "Dubai"],
+    "谁发明了{}？": ["汽车", "电脑", "蒸汽机", "电视", "收音机", "照相机", "显微镜", "自行车", "指南针", "造纸术"],
+    "第一个{}的人是谁？": ["登上珠穆朗玛峰", "到达南极", "环游世界", "飞上天空", "横渡大西洋"],
+    "《{}》的作者是谁？": ["哈利·波特", "简·爱", "老人与海", "骆驼祥子", "围城", "边城", "茶花女", "巴黎圣母院"],
+    "{}是谁？": ["曹操", "刘备", "关羽", "岳飞", "郑和", "花木兰", "成吉思汗", "莎士比亚", "张衡", "华佗", "武则天"],
+    "{}在哪里？": ["黄山", "泰山", "桂林", "布达拉宫", "兵马俑", "九寨沟", "卢浮宫", "尼亚加拉瀑布"],
+    "请写一句关于{}的话。": ["家乡", "母亲", "雨天", "星空", "读书", "梦想", "时间", "音乐", "花朵"],
+    "请用一句话介绍{}。": ["深圳", "西安", "成都", "南京", "重庆", "武汉", "香港"],
+    "说出一位著名的{}。": ["画家", "音乐家", "发明家", "运动员", "哲学家", "将军"],
+}
 
-def preservation_prompts(count: int, mix: tuple[float, float, float] = (0.45, 0.3, 0.25)) -> list[str]:
-    """`count` prompts drawn in turn from the English, Chinese and other-people pools (shares `mix`), each pool
-    in its listed order, so a larger count only adds prompts."""
-    pools = [PRESERVE_PROMPTS, PRESERVE_ZH, PRESERVE_OTHERS]
-    taken, chosen = [0, 0, 0], []
+
+def contrast_prompts() -> list[str]:
+    """CONTRAST_TEMPLATES filled in, interleaved across templates, leaving out any prompt whose entity appears in a
+    held-out question or its accepted answers."""
+    from selfcog.data.heldout import ROBUST, TRAPS, ZH_QA
+
+    heldout = [q + " " + " ".join(a) for sets in (TRAPS, ZH_QA) for part in sets.values() for q, a in part]
+    heldout += [q + " " + " ".join(a) for q, a in DEV_QA + TEST_QA]
+    heldout += [c[-1]["content"] for part in ROBUST.values() for _, c in part]
+    text = " ".join(heldout).lower()
+    filled = [[t.format(e) for e in entities if e.lower() not in text] for t, entities in CONTRAST_TEMPLATES.items()]
+    return [row[i] for i in range(max(map(len, filled))) for row in filled if i < len(row)]
+
+
+def preservation_prompts(count: int, mix: tuple[float, ...] = (0.3, 0.25, 0.15, 0.3)) -> list[str]:
+    """`count` prompts drawn in turn from the English, Chinese, other-people and contrast pools (shares `mix`),
+    each pool in its listed order, so a larger count only adds prompts."""
+    pools = [PRESERVE_PROMPTS, PRESERVE_ZH, PRESERVE_OTHERS, contrast_prompts()]
+    taken, chosen = [0] * len(pools), []
     while len(chosen) < count and any(t < len(p) for t, p in zip(taken, pools)):
         # The pool furthest below its share gives the next prompt.
-        open_pools = [i for i in range(3) if taken[i] < len(pools[i])]
+        open_pools = [i for i in range(len(pools)) if taken[i] < len(pools[i])]
         i = min(open_pools, key=lambda j: taken[j] / mix[j] if mix[j] else float("inf"))
         chosen.append(pools[i][taken[i]])
         taken[i] += 1
