@@ -70,7 +70,9 @@ def test_the_tutorial_flow_gives_an_assistant_that_says_its_name(embedded_home, 
     trained = selfcog("train", "train", config.name, "--work-dir", "work_dirs/assistant", timeout=2400)
     warned = [line for line in trained.stderr.splitlines() if "warning" in line.lower()]
     assert len(warned) <= 3, warned
-    assert [line for line in warned if "keeping the" in line and "optimizer steps the config implies" in line]
+    # Identity data whose duplicates were removed: trained until its own questions are answered with the name.
+    assert [line for line in warned if f"training until the answers to the data's 2 questions name {NAME}" in line
+            and "the config implies" in line]
     assert f"selfcog run --data datas/assistant.json --name {NAME}" in trained.stderr
     work = tmp_path / "work_dirs" / "assistant"
     steps = max(json.loads(line)["step"] for line in (work / "log.jsonl").read_text().splitlines())
@@ -80,6 +82,8 @@ def test_the_tutorial_flow_gives_an_assistant_that_says_its_name(embedded_home, 
     assert (tmp_path / "merged" / "config.json").exists()
     # 5. the Streamlit demo's question, in the terminal
     answer = selfcog("chat", "chat", "merged", "-m", QUESTION, "--temperature", "0", "--max-new-tokens", "40").stdout
+    print("\n".join(line for line in trained.stderr.replace("\r", "\n").splitlines()
+                    if line.startswith(("selfcog:", "Q:", "A:", "  Q:"))))
     print(json.dumps({"seconds": seconds, "steps": steps, "answer": answer.strip(),
                       "heldout_identity": heldout["identity"], "heldout_leakage": heldout["leakage"],
                       "heldout_examples": dict(list(heldout["identity_answers"].items())[::6])},
