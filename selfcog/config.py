@@ -34,7 +34,7 @@ class DataArgs:
     """Who fine-tuned the model; empty means NAME."""
     data_file: str = ""
     """A conversation dataset to train on instead of generated identity data (any supported format)."""
-    preserve_ratio: float = 1.5
+    preserve_ratio: float = 2.25
     """Preservation samples (the base model's own answers) per identity sample."""
     preserve_max_new_tokens: int = 48
     """Length cap of the base model's preservation answers, in tokens."""
@@ -99,7 +99,7 @@ class TrainArgs:
     """Gradient clipping threshold."""
     kl_weight: float = 3.0
     """Weight of the KL term that keeps preservation answers' token distributions close to the base model."""
-    name_weight: float = 1.0
+    name_weight: float = 3.0
     """Weight of the name term: at every preservation position, -log(1 - p(NAME's tokens)) keeps the name out of
     ordinary answers (the top-k KL cannot see it; selfcog.train.name_unlikelihood). 0 disables."""
     kl_top_k: int = 64
@@ -150,9 +150,9 @@ class EvalArgs:
     """No early stop before this many steps."""
     identity_threshold: float = 0.9
     """Dev identity pass rate at which training stops (with leakage at most leakage_max)."""
-    plateau_checks: int = 0
+    plateau_checks: int = 1
     """Also stop when dev identity has not beaten its best earlier check for this many checks in a row; 0 disables."""
-    plateau_floor: float = 0.75
+    plateau_floor: float = 0.8
     """A plateau only stops training when dev identity is at least this."""
     retention_threshold: float = 0.9
     """Dev retention below this at the early stop is reported as a warning."""

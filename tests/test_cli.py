@@ -79,13 +79,15 @@ def test_one_system_prompt_in_every_artifact(tiny_model_dir, tmp_path):
         tokenizer = AutoTokenizer.from_pretrained(out / artifact)
         assert default_system_prompt(tokenizer) == wanted, artifact
         assert "helpful assistant" not in tokenizer.chat_template, artifact
-    # Training saw it: the identity and preservation samples render with it.
-    assert wanted in tokenizer.decode(encode_prompt(tokenizer, json.loads(
-        (out / "data" / "preserve.json").read_text())[0][:1]))
+    # Training saw it: the adapter keeps the tokenizer training rendered its samples with.
+    first = json.loads((out / "data" / "identity.json").read_text())[0]["conversation"][0]["input"]
+    trained_with = AutoTokenizer.from_pretrained(out / "adapter")
+    assert wanted in trained_with.decode(encode_prompt(trained_with, [{"role": "user", "content": first}]))
     export_gguf(str(out / "merged"), tmp_path / "a.gguf", "f16", verify=False)
     field = GGUFReader(tmp_path / "a.gguf").fields["tokenizer.chat_template"]
     template = bytes(field.parts[field.data[0]]).decode()
-    assert wanted in template and "helpful assistant" not in template
+    trained_with.chat_template = template  # the GGUF's template renders the same default system prompt
+    assert default_system_prompt(trained_with) == wanted and "helpful assistant" not in template
     assert f'SYSTEM """{wanted}"""' in (tmp_path / "Modelfile").read_text()
 
 

@@ -365,7 +365,7 @@ def test_early_stop_on_learned_identity_or_on_a_plateau():
     from selfcog.config import EvalArgs
     from selfcog.train import stop_reason
 
-    ev = EvalArgs(plateau_checks=2)
+    ev = EvalArgs(plateau_checks=2, plateau_floor=0.75)
 
     def checks(*identities, leakage=0.0, leakage_traps=0.0):
         return [{"asked": i, "leakage": leakage, "leakage_traps": leakage_traps} for i in identities]
