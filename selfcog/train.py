@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -44,7 +45,11 @@ def add_lora(model, config: RunConfig):
         targets = linear_names(model)  # peft takes a layer subset only with named targets
     lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=targets, task_type="CAUSAL_LM", layers_to_transform=layers)
-    return get_peft_model(model, lora)
+    with warnings.catch_warnings():
+        # peft (up to 0.21) reads transformers' deprecated `is_gradient_checkpointing` while wrapping the model;
+        # the warning is about peft's code, not ours, and would print on every run.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora)
 
 
 def linear_names(model) -> list[str]:
@@ -741,7 +746,6 @@ class SampleChats(TrainerCallback):
 
 
 import re  # noqa: E402 - this section's own imports
-import warnings  # noqa: E402
 from collections import Counter  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
