@@ -85,7 +85,7 @@ class LoraArgs:
 class TrainArgs:
     learning_rate: float = 1e-3
     """Peak AdamW learning rate, reached after warmup, then cosine decay."""
-    max_steps: int = 40
+    max_steps: int = 60
     """Most optimizer steps; training usually stops earlier once the identity is learned."""
     batch_size: int = 8
     """Samples per optimizer step (per process)."""
