@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -611,7 +612,7 @@ def test_the_tutorial_through_selfcog_train(tiny_model_dir, tmp_path):
 
     lines = err.splitlines()
     stop = next(line for line in lines if line.endswith("as the data answers them; stopping"))
-    step = int(stop.split()[2].rstrip(":"))
+    step = int(re.search(r"selfcog: step (\d+):", stop).group(1))  # the line may follow a progress bar's redraw
     assert step % 5 == 0 and step < 4 * implied and "2 of the data's 2 questions answered with" in stop
     assert json.loads((work / f"checkpoint-{step}" / "trainer_state.json").read_text())["global_step"] == step
     plan = next(i for i, line in enumerate(lines) if line.startswith("selfcog: plan: "))
