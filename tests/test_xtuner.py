@@ -621,7 +621,7 @@ def test_the_tutorial_through_selfcog_train(tiny_model_dir, tmp_path):
     assert torch.cuda.is_available() or "not the config's 4-bit QLoRA" in lines[plan]
     assert f"`selfcog run --data datas/assistant.json --name {TUTORIAL_NAME}`" in err
     last_chats = next(i for i, line in enumerate(lines) if f"sample chats at step {step}:" in line)
-    check = next(i for i, line in enumerate(lines) if line.startswith("selfcog: held-out identity check"))
+    check = next(i for i, line in enumerate(lines) if "selfcog: held-out identity check (" in line)
     assert check > last_chats and f"identity answers name {TUTORIAL_NAME}" in lines[check]
     assert (work / "eval_outputs" / f"step_{step}.txt").read_text().startswith("Q: 请介绍一下你自己\nA: ")
     heldout = json.loads((work / "heldout_check.json").read_text())
