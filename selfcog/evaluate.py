@@ -24,6 +24,8 @@ from selfcog.generate import generate_batch
 
 # Parts of a question set: (key, kind). "ask" parts want NAME in every answer; "qa" parts never.
 PARTS = (("identity", "ask"), ("robust", "ask"), ("general", "qa"), ("zh", "qa"), ("traps", "qa"))
+ASK_PARTS = tuple(p for p, kind in PARTS if kind == "ask")
+QA_PARTS = tuple(p for p, kind in PARTS if kind == "qa")
 
 
 @dataclass
@@ -188,27 +190,33 @@ def repeats(text: str, times: int = 3) -> bool:
     return any(n >= times for n in counts.values())
 
 
-def question_sets(split: str, system: str | None = None) -> dict[str, list[Answer]]:
-    """The held-out questions of `split` (dev / test / fresh), unanswered, by part."""
+def question_sets(split: str, system: str | None = None, parts: tuple[str, ...] | None = None
+                  ) -> dict[str, list[Answer]]:
+    """The held-out questions of `split` (dev / test / fresh), unanswered, by part (all PARTS, or `parts`)."""
     prefix = [{"role": "system", "content": system}] if system else []
 
     def ask(text):
         return prefix + [{"role": "user", "content": text}]
-    return {
-        "identity": [Answer(ask(q), "") for q in heldout_questions(split)],
-        "robust": [Answer(c, "", form=form) for form, c in robust(split)],
-        "general": [Answer(ask(q), "", accepted) for q, accepted in qa_split(split)],
-        "zh": [Answer(ask(q), "", accepted) for q, accepted in zh_qa(split)],
-        "traps": [Answer(ask(q), "", accepted) for q, accepted in traps(split)],
+    sets = {
+        "identity": lambda: [Answer(ask(q), "") for q in heldout_questions(split)],
+        "robust": lambda: [Answer(c, "", form=form) for form, c in robust(split)],
+        "general": lambda: [Answer(ask(q), "", accepted) for q, accepted in qa_split(split)],
+        "zh": lambda: [Answer(ask(q), "", accepted) for q, accepted in zh_qa(split)],
+        "traps": lambda: [Answer(ask(q), "", accepted) for q, accepted in traps(split)],
     }
+    unknown = set(parts or ()) - set(sets)
+    if unknown:
+        raise ValueError(f"unknown question parts {sorted(unknown)}; known: {list(sets)}")
+    return {part: make() for part, make in sets.items() if parts is None or part in parts}
 
 
 def score(model, tokenizer, name: str, split: str = "test", max_new_tokens: int = 40,
-          system: str | None = None, fingerprint: str | None = None, base: Scores | None = None) -> Scores:
+          system: str | None = None, fingerprint: str | None = None, base: Scores | None = None,
+          parts: tuple[str, ...] | None = None) -> Scores:
     """Answer the `split` questions greedily, batched; `base` (the base model's Scores on the same split) turns on
     retention and part-of-name leakage. `fingerprint` (base models only) reuses cached answers of the same weights
-    and chat template."""
-    parts = question_sets(split, system)
+    and chat template. `parts` limits the questions to some PARTS (ASK_PARTS: only the identity side)."""
+    parts = question_sets(split, system, parts)
     everything = [a for answers in parts.values() for a in answers]
     conversations = [a.conversation for a in everything]
     texts = cached_answers(fingerprint, conversations, max_new_tokens,
@@ -217,6 +225,13 @@ def score(model, tokenizer, name: str, split: str = "test", max_new_tokens: int 
     for answer, text in zip(everything, texts):
         answer.text = text
     return Scores(name=name, parts=parts, base=base)
+
+
+def joined(first: Scores, second: Scores) -> Scores:
+    """One Scores holding the parts of both (same NAME and split, disjoint parts): a dev check scored in two steps."""
+    if first.name != second.name or set(first.parts) & set(second.parts):
+        raise ValueError("joined() needs scores of one name over disjoint parts")
+    return Scores(name=first.name, parts={**first.parts, **second.parts}, base=first.base or second.base)
 
 
 def with_retention(tuned: Scores, base: Scores) -> Scores:

@@ -82,3 +82,27 @@ def test_heldout_sets_are_disjoint_from_training_and_from_each_other():
 def test_answer_question_is_the_last_user_turn():
     a = Answer([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}], "A")
     assert a.question == "Q"
+
+
+def test_a_dev_check_scored_in_two_steps_equals_one_scored_at_once():
+    from selfcog.evaluate import ASK_PARTS, QA_PARTS, joined
+
+    def answered(parts):
+        for answers in parts.values():
+            for i, a in enumerate(answers):
+                a.text = "I am Alice's assistant." if i % 2 else (a.accepted[0] if a.accepted else "Alice wrote it.")
+        return parts
+
+    base = Scores("Alice", answered(question_sets("dev")))
+    whole = Scores("Alice", answered(question_sets("dev")), base=base)
+    ask = Scores("Alice", answered(question_sets("dev", parts=ASK_PARTS)), base=base)
+    qa = Scores("Alice", answered(question_sets("dev", parts=QA_PARTS)), base=base)
+    assert set(ask.parts) == {"identity", "robust"} and ask.summary()["leakage"] is None
+    assert ask.asked == whole.asked
+    assert joined(ask, qa).summary() == whole.summary() and joined(ask, qa).failures() == whole.failures()
+    try:
+        question_sets("dev", parts=("identity", "nonsense"))
+    except ValueError as exc:
+        assert "nonsense" in str(exc)
+    else:
+        raise AssertionError("an unknown part must be refused")
