@@ -2,7 +2,7 @@
 """QLoRA smoke bench: a tiny InternLM2 checkpoint, loaded as Llama without remote code, 4-bit, 3 LoRA steps.
 
 Needs CUDA and bitsandbytes; without either it prints a JSON line saying why it skipped and exits 0.
-Builds the checkpoint with tests/internlm2_fixture.py (InternLM2's real on-disk layout), loads it through
+Builds the checkpoint with selfcog/testing.py (InternLM2's real on-disk layout), loads it through
 `selfcog.internlm2.load_internlm2_as_llama(..., quantization_config=NF4 double-quant, bf16 compute)`, wraps
 it with peft's `prepare_model_for_kbit_training` and LoRA r=8 on every linear layer, takes 3 AdamW steps,
 and prints one JSON object: loss per step, peak CUDA memory, seconds, versions.
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
 
 def versions() -> dict:
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
-    from internlm2_fixture import write_tiny_internlm2
     from selfcog.internlm2 import load_internlm2_tokenizer
+    from selfcog.testing import write_tiny_internlm2
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)

@@ -31,7 +31,7 @@ from machine import cpu_features, cpu_name
 def selfcog_run(name: str, out: Path, bf16: str = "auto") -> dict:
     from selfcog.config import RunConfig
     from selfcog.run import run
-    from selfcog.train import use_bf16
+    from selfcog.engine.trainer import use_bf16
 
     config = RunConfig()
     config.data.name, config.out, config.train.bf16 = name, str(out), bf16
@@ -66,7 +66,8 @@ def seed_recipe(name: str, steps: int, work: Path) -> dict:
     from selfcog.data.tokenize import build_examples
     from selfcog.evaluate import score, with_retention
     from selfcog.models import load_model
-    from selfcog.train import pack_to_max_length, train_from_config
+    from selfcog.data.packing import pack_to_max_length
+    from selfcog.recipes.sft import train_from_config
 
     data = work / "assistant.json"
     data.write_text(dumps(seed_records(Persona(name, "", "", ""), 3750)))

@@ -8,8 +8,8 @@ Variants, each training a fresh copy of the same LoRA (same init, same batches: 
   log-softmax for each; every such step allocates (and page-faults in) several [rows, vocab] matrices and
   zero-filled gradients; every decoder layer runs in every step;
 - `+one-log-softmax`: `PreservingTrainer.compute_loss` as now, i.e. one chunked log-softmax gather
-  (`selfcog.train.gathered_log_probs`) serving both terms, still every layer;
-- `+memory-kept`: and `selfcog.train.freed_memory_kept` around the steps (freed memory reused by the next step);
+  (`selfcog.engine.loss.gathered_log_probs`) serving both terms, still every layer;
+- `+memory-kept`: and `selfcog.engine.memory.freed_memory_kept` around the steps (freed memory reused by the next step);
 - `selfcog` (+ frozen layers): and the frozen layers below the adapters run once per preservation sample
   (stored states): what `selfcog run` does now.
 
@@ -32,6 +32,23 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+
+from selfcog.attention import check_used, packed_attention, packed_layout
+from selfcog.cache import model_fingerprint
+from selfcog.config import RunConfig
+from selfcog.data.formats import deduplicate, to_messages
+from selfcog.data.identity import Persona, identity_records
+from selfcog.data.preserve import preservation_conversations
+from selfcog.data.tokenize import build_examples, pack_batch, sample_tokens
+from selfcog.engine.frozen_layers import attach_bottom_hidden
+from selfcog.engine.lora import adapted_layers, add_lora
+from selfcog.engine.loss import attach_base_topk, topk_preservation_loss
+from selfcog.engine.memory import freed_memory_kept
+from selfcog.engine.trainer import PreservingTrainer, use_bf16
+from selfcog.models import load_model
+from selfcog.recipes.identity import training_args
+from selfcog.templates import IGNORE_INDEX
 
 VARIANTS = ("per-term-log-softmax", "+one-log-softmax", "+memory-kept", "selfcog")
 
@@ -39,16 +56,6 @@ VARIANTS = ("per-term-log-softmax", "+one-log-softmax", "+memory-kept", "selfcog
 def identity_job_examples(name: str):
     """The model and the examples `selfcog run --name NAME` trains on, with the stored base top-k and frozen-layer
     states attached as `fit` attaches them."""
-    from selfcog.cache import model_fingerprint
-    from selfcog.config import RunConfig
-    from selfcog.data.identity import Persona, identity_records
-    from selfcog.data.formats import deduplicate, to_messages
-    from selfcog.data.preserve import preservation_conversations
-    from selfcog.data.tokenize import build_examples
-    from selfcog.frozen_layers import attach_bottom_hidden
-    from selfcog.models import load_model
-    from selfcog.train import adapted_layers, attach_base_topk
-
     config = RunConfig()
     config.data.name = name
     d = config.data
@@ -66,13 +73,8 @@ def identity_job_examples(name: str):
 
 
 def per_term_log_softmax_loss(trainer, model, inputs):
-    """PreservingTrainer.compute_loss before the one-log-softmax change (commit 93f8c45), stored top-k path; for
-    comparison only."""
-    import torch.nn.functional as F
-
-    from selfcog.attention import check_used, packed_layout
-    from selfcog.templates import IGNORE_INDEX
-
+    """PreservingTrainer.compute_loss before the one-log-softmax change (selfcog no longer has it), stored top-k
+    path; for comparison only."""
     labels, preserve, lengths = inputs.pop("labels"), inputs.pop("preserve_mask"), inputs.pop("packed_lengths")
     base_ids, base_logp = inputs.pop("base_ids"), inputs.pop("base_logp")
     inputs.pop("bottom_hidden", None)
@@ -87,8 +89,6 @@ def per_term_log_softmax_loss(trainer, model, inputs):
     kl_rows = preserve[0, keep]
     rows = keep[kl_rows]
     tuned = F.log_softmax(logits[kl_rows].float(), dim=-1).gather(-1, base_ids[0, rows].long())
-    from selfcog.train import topk_preservation_loss
-
     return loss + trainer.kl_weight * topk_preservation_loss(tuned, base_logp[0, rows])
 
 
@@ -96,16 +96,13 @@ def run_variant(variant: str, trainer, peft_model, initial: dict, batches: list[
                 bf16: bool = False) -> dict:
     """Train `batches` from the initial adapter; seconds and loss of every step (forward under bf16 autocast where
     `selfcog run` would use it: `train.bf16=auto` on a CPU with native bf16)."""
-    import selfcog.train as train
-    from selfcog.attention import packed_attention
-
     peft_model.load_state_dict(initial, strict=False)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=trainer.args.learning_rate, weight_decay=0.0)
     trainer.frozen_layers = frozen if variant == "selfcog" else 0
     loss_of = per_term_log_softmax_loss if variant == VARIANTS[0] else type(trainer).compute_loss
     seconds, losses = [], []
-    kept = train.freed_memory_kept() if variant in ("+memory-kept", "selfcog") else nullcontext()
+    kept = freed_memory_kept() if variant in ("+memory-kept", "selfcog") else nullcontext()
     with packed_attention(peft_model), kept:
         for batch in batches:
             began = time.perf_counter()
@@ -129,10 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from machine import cpu_features, cpu_name
-
-    from selfcog.data.tokenize import pack_batch, sample_tokens
-    from selfcog.train import PreservingTrainer, add_lora, training_args, use_bf16
+    from machine import cpu_features, cpu_name  # bench/ is on sys.path only once the script runs
 
     config, model, examples, frozen = identity_job_examples(args.name)
     torch.manual_seed(config.train.seed)

@@ -102,7 +102,9 @@ def build(contender: str, model_spec: str, work: Path, batch: int, clock: StepCl
     from selfcog.config import RunConfig
     from selfcog.data.tokenize import build_examples, pack_batch, sample_tokens
     from selfcog.models import load_model
-    from selfcog.train import PreservingTrainer, add_lora, engine_args
+    from selfcog.engine.lora import add_lora
+    from selfcog.engine.trainer import PreservingTrainer
+    from selfcog.recipes.sft import engine_args
 
     model, tokenizer = load_model(model_spec, dtype=torch.float32)
     conversations = training_data(model, tokenizer)

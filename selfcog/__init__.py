@@ -1,6 +1,13 @@
 """selfcog: give a small open chat model its own identity, keep what it knew, chat with it, serve it, ship it."""
 
-from selfcog.models import load_model
-
 __all__ = ["load_model"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "load_model":
+        # imported on first use, so that `import selfcog.config` (or any leaf module) does not load torch
+        from selfcog.models import load_model
+
+        return load_model
+    raise AttributeError(f"module 'selfcog' has no attribute {name!r}")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -115,8 +116,6 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)
 @contextmanager
 def packed_attention(model):
     """Route the model's attention through `packed_attention_forward` for the duration of the block."""
-    from accelerate.utils import extract_model_from_parallel
-
     base = extract_model_from_parallel(model)  # under torchrun/DeepSpeed the Trainer hands over a wrapper
     base = base.get_base_model() if hasattr(base, "get_base_model") else base
     before = base.config._attn_implementation

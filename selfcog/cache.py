@@ -10,8 +10,11 @@ import hashlib
 import json
 from pathlib import Path
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
 from selfcog.atomic import atomic_file, write_text
-from selfcog.models import COMPLETE_MARKER, selfcog_home
+from selfcog.paths import COMPLETE_MARKER, selfcog_home
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
@@ -46,9 +49,6 @@ def cached_answers(fingerprint: str | None, conversations: list, max_new_tokens:
 
 def cached_tensors(fingerprint: str | None, payload, compute) -> dict:
     """`compute()` (a dict of tensors) once per (model, payload); later calls read the stored safetensors file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
-
     if fingerprint is None:
         return compute()
     key = hashlib.sha256(json.dumps([fingerprint, payload]).encode()).hexdigest()

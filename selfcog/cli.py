@@ -1,14 +1,24 @@
-"""The `selfcog` command: verbs mapped to stage functions, nothing else."""
+"""The `selfcog` command: verbs mapped to stage functions, nothing else.
+
+Commands whose stage needs torch import it inside the command (each such import marked `# torch`), so `selfcog
+--help`, `selfcog data`, `selfcog config` and `selfcog train --dry-run` start without loading it."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
+from selfcog.atomic import write_text
+from selfcog.config import (RunConfig, apply_overrides, dump_config, load_config, load_preset, preset_description,
+                            preset_names)
+from selfcog.data.check import check_data_report, load_checked
+from selfcog.data.identity import Persona, dumps, identity_records, seed_records
 from selfcog.errors import SelfcogError
+from selfcog.xtuner import resolve_train_config
 
 if TYPE_CHECKING:
     from selfcog.generate import SamplingArgs
@@ -24,6 +34,30 @@ class UserError(click.ClickException):
         click.echo(f"selfcog: error: {self.format_message()}", err=True)
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes each progress line to the `sys.stderr` of the moment (click's test runner swaps it), so stdout stays
+    clean for answers (`selfcog chat --message`)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):  # StreamHandler.__init__ assigns one; the property always reads sys.stderr
+        pass
+
+
+def show_progress() -> None:
+    """selfcog's log lines, as written, on stderr (once per process)."""
+    logger = logging.getLogger("selfcog")
+    if not any(isinstance(h, StderrHandler) for h in logger.handlers):
+        handler = StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # printed once, whatever the root logger does
+
+
 class Cli(click.Group):
     def invoke(self, ctx):
         try:
@@ -36,6 +70,7 @@ class Cli(click.Group):
 @click.version_option(package_name="selfcog")
 def main():
     """Give a small open chat model its own identity in minutes, keep what it knew, chat with it, serve it."""
+    show_progress()
 
 
 def sampling_options(f):
@@ -49,7 +84,7 @@ def sampling_options(f):
 
 
 def sampling_from(kwargs) -> SamplingArgs:
-    from selfcog.generate import SamplingArgs
+    from selfcog.generate import SamplingArgs  # torch
 
     args = SamplingArgs(**{k: kwargs.pop(k) for k in ("max_new_tokens", "max_length", "temperature", "top_p",
                                                       "top_k", "repetition_penalty")})
@@ -75,8 +110,7 @@ def sampling_from(kwargs) -> SamplingArgs:
 def run(name, model_spec, out, assistant_name, model_desc, author, data_file, config_file, overrides,
         trust_remote_code):
     """Fetch -> data -> evaluate base -> train -> merge -> evaluate -> report, into OUT."""
-    from selfcog.config import RunConfig, apply_overrides, load_config
-    from selfcog.run import run as run_job
+    from selfcog.run import run as run_job  # torch
 
     config = load_config(Path(config_file)) if config_file else RunConfig()
     given = {"model.spec": model_spec, "model.trust_remote_code": trust_remote_code, "out": out,
@@ -103,9 +137,6 @@ def run(name, model_spec, out, assistant_name, model_desc, author, data_file, co
 @click.option("--out", required=True, help="Output JSON file (XTuner conversation format).")
 def data(name, assistant_name, model_desc, author, system, repeat, out):
     """Write a bilingual (zh/en) identity dataset in XTuner `conversation` format."""
-    from selfcog.atomic import write_text
-    from selfcog.data.identity import Persona, dumps, identity_records, seed_records
-
     persona = Persona(name, assistant_name, model_desc, author)
     if repeat < 0:
         raise SelfcogError("--repeat must be >= 0")
@@ -126,7 +157,7 @@ def data(name, assistant_name, model_desc, author, system, repeat, out):
 @sampling_options
 def chat(model_spec, message, system, adapter, trust_remote_code, **kwargs):
     """Chat with MODEL (any spec, e.g. out/merged) in the terminal."""
-    from selfcog.chat import chat as chat_loop
+    from selfcog.chat import chat as chat_loop  # torch
 
     sampling = sampling_from(kwargs)
     chat_loop(model_spec, message=message, system=system, sampling=sampling, adapter=adapter,
@@ -141,7 +172,7 @@ def chat(model_spec, message, system, adapter, trust_remote_code, **kwargs):
 @click.option("--dtype", default="fp32", show_default=True, help="bf16, fp16 or fp32.")
 def merge(base, adapter, out, max_shard_size, dtype):
     """Merge ADAPTER into BASE and write a standard HF model directory OUT."""
-    from selfcog.export import merge as merge_adapter
+    from selfcog.export import merge as merge_adapter  # torch
 
     click.echo(f"merged model: {merge_adapter(base, Path(adapter), Path(out), max_shard_size, dtype)}")
 
@@ -157,7 +188,7 @@ def merge(base, adapter, out, max_shard_size, dtype):
 @click.option("--trust-remote-code", is_flag=True)
 def web(model_spec, compare_spec, port, host, adapter, system, max_new_tokens, trust_remote_code):
     """Chat with MODEL in the browser (Streamlit); --compare BASE shows both answers side by side."""
-    from selfcog.web import launch
+    from selfcog.web import launch  # torch
 
     sys.exit(launch(model_spec, port, host, compare_spec, adapter, system, max_new_tokens, trust_remote_code))
 
@@ -174,7 +205,7 @@ def web(model_spec, compare_spec, port, host, adapter, system, max_new_tokens, t
 @sampling_options
 def serve(model_spec, host, port, api_key, adapter, model_name, trust_remote_code, **kwargs):
     """Serve MODEL as an OpenAI-compatible API; sampling options are defaults for requests that omit them."""
-    from selfcog.serve import serve as run_server
+    from selfcog.serve import serve as run_server  # torch
 
     run_server(model_spec, host, port, api_key, adapter, model_name, sampling_from(kwargs), trust_remote_code)
 
@@ -187,7 +218,7 @@ def serve(model_spec, host, port, api_key, adapter, model_name, trust_remote_cod
 @click.option("--trust-remote-code", is_flag=True)
 def export_gguf(model_spec, out, qtype, no_verify, trust_remote_code):
     """Write MODEL as one GGUF file OUT (llama.cpp, Ollama) plus an Ollama Modelfile beside it."""
-    from selfcog.gguf_export import export_gguf as export
+    from selfcog.gguf_export import export_gguf as export  # torch
 
     report = export(model_spec, Path(out), qtype, verify=not no_verify, trust_remote_code=trust_remote_code)
     if "max_abs_logit_diff" in report:
@@ -205,7 +236,7 @@ def export_gguf(model_spec, out, qtype, no_verify, trust_remote_code):
 @click.option("--title", default=None, help="The app's title (default: the assistant's name).")
 def deploy(model_spec, out_dir, target, repo_id, title):
     """Write an app folder (Streamlit chat) ready to upload to OpenXLab or a Hugging Face Space."""
-    from selfcog.deploy import deploy as make_bundle
+    from selfcog.deploy import deploy as make_bundle  # torch
 
     click.echo(f"app bundle: {make_bundle(model_spec, Path(out_dir), target, repo_id, title)} (see its README.md)")
 
@@ -219,8 +250,7 @@ def deploy(model_spec, out_dir, target, repo_id, title):
 @click.option("--trust-remote-code", is_flag=True)
 def check_data(data_file, model_spec, keep_duplicates, max_length, trust_remote_code):
     """Validate DATA_FILE (XTuner conversation, OpenAI messages, alpaca, sharegpt), like `xtuner check-custom-dataset`."""
-    from selfcog.data.check import check_data_report, load_checked
-    from selfcog.models import load_tokenizer
+    from selfcog.models import load_tokenizer  # torch
 
     conversations = load_checked(data_file)  # a malformed file fails before any model is fetched
     tokenizer = load_tokenizer(model_spec, trust_remote_code=trust_remote_code)
@@ -235,8 +265,6 @@ def config_group():
 @config_group.command("list")
 def config_list():
     """Show the bundled presets."""
-    from selfcog.config import preset_description, preset_names
-
     for name in preset_names():
         click.echo(f"{name:32} {preset_description(name)}")
 
@@ -246,9 +274,6 @@ def config_list():
 @click.argument("directory", type=click.Path(path_type=Path))
 def config_copy(name, directory):
     """Write preset NAME, every setting spelled out, to DIRECTORY/NAME.yaml."""
-    from selfcog.atomic import write_text
-    from selfcog.config import dump_config, load_preset, preset_description
-
     text = dump_config(load_preset(name), f"{name}: {preset_description(name)}")
     target = Path(directory) / f"{name}.yaml"
     try:
@@ -274,16 +299,14 @@ def train(config_source, dry_run, work_dir, resume, overrides, verbose, identity
 
     Data-parallel on N GPUs or CPU processes: torchrun --nproc-per-node N -m selfcog train CONFIG
     """
-    from selfcog.config import apply_overrides, dump_config, resolve_train_config
-
     if identity_name is not None and resume:
         raise SelfcogError("--identity: trains from the start (no --resume)")
     config = apply_overrides(resolve_train_config(config_source, verbose), list(overrides))
     if dry_run:
         click.echo(dump_config(config), nl=False)
         return
-    from selfcog.distributed import is_main_process
-    from selfcog.train import train_from_config, train_identity
+    from selfcog.distributed import is_main_process  # torch
+    from selfcog.recipes.sft import train_from_config, train_identity  # torch
 
     work = Path(work_dir) if work_dir else Path("work_dirs") / Path(config_source).stem
     if identity_name is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 import yaml
@@ -45,10 +46,8 @@ class DataArgs:
     robust_forms: bool = True
     """Generated identity data also asks under users' own system prompts and after an ordinary exchange."""
     system_prompt: str = "You are a helpful AI assistant."
-    """The default system prompt: written into the chat template in place of the base model's own (which often
-    names the base model, e.g. SmolLM2's "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
-    so training, evaluation, the merged model, the GGUF and the Modelfile all use this one. Templates without a
-    default system prompt keep none. Empty keeps the base template's own."""
+    """The chat template's default system prompt everywhere (training, evaluation, merged model, GGUF, Modelfile),
+    in place of the base model's own, which often names the base model; empty keeps that (docs/method.md)."""
     data_files: list[str] = field(default_factory=list)
     """Conversation datasets (any supported format) that `selfcog train CONFIG` trains on, concatenated."""
     pack_to_max_length: bool = False
@@ -68,9 +67,8 @@ class LoraArgs:
     target_modules: str = "all-linear"
     """Which linear layers get adapters: `all-linear` (every one but the LM head) or names like `q_proj,v_proj`."""
     top_layers: int = 20
-    """Adapters only on the last N decoder layers (0: every layer). The backward pass then stops at the first
-    adapted layer, and the layers below keep the base model's features for every input.
-    Imported XTuner configs and the InternLM2 preset set 0 (every layer), like XTuner."""
+    """Adapters only on the last N decoder layers (0: every layer): the layers below keep the base model's features,
+    which limits drift. Imported XTuner configs and the InternLM2 preset set 0, as XTuner trains every layer."""
     load_in_4bit: bool = False
     """QLoRA: load the base model 4-bit quantized (bitsandbytes, needs a CUDA GPU; falls back to fp32 on a CPU)."""
     bnb_4bit_quant_type: str = "nf4"
@@ -100,19 +98,16 @@ class TrainArgs:
     kl_weight: float = 3.0
     """Weight of the KL term that keeps preservation answers' token distributions close to the base model."""
     name_weight: float = 3.0
-    """Weight of the name term: at every preservation position, -log(1 - p(NAME's tokens)) keeps the name out of
-    ordinary answers (the top-k KL cannot see it; selfcog.train.name_unlikelihood). 0 disables."""
+    """Weight of the name term that keeps NAME out of ordinary answers, which the top-k KL cannot see (docs/method.md,
+    selfcog.engine.loss.name_unlikelihood); 0 disables."""
     kl_top_k: int = 64
-    """The KL term reads the base model's top-k next-token log-probs (plus one bucket for the rest), computed once
-    before training and cached per base weights, instead of running the base model again in every step; 0 runs
-    the exact full-vocabulary KL against a base forward pass each step."""
+    """The KL term's base side: the base model's top-k next-token log-probs plus a rest bucket, cached once, so steps
+    never run the base model; 0: the exact KL against a base forward pass every step."""
     kl_prompt: bool = True
     """Apply the KL term at every token of a preservation sample (its prompt too), not only at its answer."""
     reuse_frozen_layers: bool = True
-    """`selfcog run`: with adapters on the top layers only (lora.top_layers), the frozen layers below them run over
-    each preservation sample once, cached per base weights, instead of in every step (exact; see
-    selfcog/frozen_layers.py). Checked on a real sample first: a model whose decoder changes `inputs_embeds` before
-    its first layer runs every layer instead."""
+    """`selfcog run`: the frozen layers below the adapters run over each preservation sample once, cached, instead of
+    in every step (exact; selfcog/engine/frozen_layers.py checks each model can)."""
     bf16: str = "auto"
     """bf16 autocast: `auto` (on where the hardware runs it), `true` or `false`."""
     seed: int = 42
@@ -281,49 +276,21 @@ PRESETS_PACKAGE = "selfcog.presets"
 
 def preset_names() -> list[str]:
     """Names of the bundled presets (`selfcog/presets/NAME.yaml`)."""
-    from importlib.resources import files
-
     return sorted(p.name[:-5] for p in files(PRESETS_PACKAGE).iterdir() if p.name.endswith(".yaml"))
 
 
 def preset_description(name: str) -> str:
     """The first comment line of a preset file."""
-    from importlib.resources import files
-
     first = files(PRESETS_PACKAGE).joinpath(f"{name}.yaml").read_text(encoding="utf-8").splitlines()[0]
     return first.lstrip("# ").strip() if first.startswith("#") else ""
 
 
 def load_preset(name: str) -> RunConfig:
     """A preset: the RunConfig defaults with the preset file's settings on top."""
-    from importlib.resources import files
-
     if name not in preset_names():
         raise SelfcogError(f"unknown preset '{name}'; choose one of: {', '.join(preset_names())}")
     text = files(PRESETS_PACKAGE).joinpath(f"{name}.yaml").read_text(encoding="utf-8")
     return from_dict(yaml.safe_load(text), f"preset {name}")
-
-
-def resolve_train_config(source: str, verbose: bool = False) -> RunConfig:
-    """`selfcog train`'s CONFIG: a selfcog YAML file, an XTuner .py config or a preset name.
-
-    An XTuner config's import report goes to stderr: one line each for settings that change what is trained, and
-    one summary line naming the settings that need no action (`verbose`: one line each for those too)."""
-    from selfcog.models import log
-
-    path = Path(source)
-    if path.suffix == ".py":
-        from selfcog.xtuner import load_xtuner_report
-
-        config, report = load_xtuner_report(path)
-        for line in report.changes:
-            log(f"selfcog: warning: {line}")
-        for line in report.lines(verbose)[len(report.changes):]:
-            log(f"selfcog: {'note' if verbose else 'warning'}: {line}")
-        return config
-    if not path.exists() and source in preset_names():
-        return load_preset(source)
-    return load_config(path)
 
 
 def dump_config(config: RunConfig, header: str = "") -> str:

@@ -8,6 +8,7 @@ no weights at all: the app downloads them when it starts.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from importlib import metadata, resources
@@ -16,7 +17,9 @@ from pathlib import Path
 from selfcog.atomic import atomic_dir
 from selfcog.errors import SelfcogError
 from selfcog.export import share
-from selfcog.models import HUB_ID, log, resolve_model
+from selfcog.models import HUB_ID, resolve_model
+
+logger = logging.getLogger(__name__)
 
 TARGETS = ("openxlab", "hf-space")
 # What app.py imports, plus what transformers needs to read the usual tokenizer and weight files.
@@ -56,7 +59,7 @@ def deploy(spec: str, out: Path, target: str, repo_id: str | None = None, title:
 
 def bundle_model(source: Path, target: Path) -> None:
     """Copy a HF model directory's files (weights, config, tokenizer, chat template)."""
-    log(f"selfcog: copying the model from {source} into the bundle ...")
+    logger.info(f"selfcog: copying the model from {source} into the bundle ...")
     target.mkdir()
     for path in sorted(source.iterdir()):
         if path.is_file() and not path.name.startswith(".") and path.name not in SKIP_FILES:
@@ -70,7 +73,7 @@ def bundle_adapter(adapter: Path, target: Path) -> None:
     base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base:
         raise SelfcogError(f"{adapter}: adapter_config.json names no base model; merge it first (selfcog merge)")
-    log(f"selfcog: merging {adapter} into {base} for the bundle ...")
+    logger.info(f"selfcog: merging {adapter} into {base} for the bundle ...")
     merge(base, adapter, target)
 
 

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from selfcog.errors import SelfcogError
 
@@ -40,8 +41,6 @@ def join_processes():
     """Join torchrun's process group now, through accelerate's `PartialState` (the state the Trainer then uses;
     DeepSpeed's torch backend reuses an initialized group), so the processes can wait for each other before the
     Trainer exists: the main process fetches the model first."""
-    from accelerate import PartialState
-
     return PartialState(cpu=not torch.cuda.is_available(), backend=ddp_backend())
 
 

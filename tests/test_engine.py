@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from selfcog.cli import main
-from selfcog.train import pack_to_max_length
+from selfcog.data.packing import pack_to_max_length
+from selfcog.engine.checkpoints import CHECKPOINT_DONE, newest_complete_checkpoint
 
 DATA = [{"conversation": [{"input": q, "output": a}]} for q, a in [
     ("Who are you?", "I am Alice's assistant."), ("你是谁？", "我是伍鲜同志的小助手。"),
@@ -75,7 +76,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_pat
     full, broken = tmp_path / "full", tmp_path / "broken"
     assert CliRunner().invoke(main, ["train", str(config), "--work-dir", str(full)]).exit_code == 0
     # A child that trains slowly (0.4 s per step) so it can be killed right after its first checkpoint.
-    child = ("import sys, time; import selfcog.train as t; on = t.JsonlLog.on_log\n"
+    child = ("import sys, time; import selfcog.engine.callbacks as t; on = t.JsonlLog.on_log\n"
              "t.JsonlLog.on_log = lambda *a, **k: (time.sleep(0.4), on(*a, **k))[1]\n"
              "from selfcog.cli import main; sys.exit(main())")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -103,8 +104,6 @@ def test_resume_without_a_checkpoint_is_one_line(tiny_model_dir, tmp_path):
 
 
 def test_half_written_checkpoints_are_skipped_and_removed(tmp_path):
-    from selfcog.train import CHECKPOINT_DONE, newest_complete_checkpoint
-
     for step, done in ((2, True), (4, True), (6, False)):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()

@@ -1,6 +1,6 @@
 """InternLM2-Chat without remote code: loaded as Llama, tokenized like InternLM2Tokenizer, exported as plain Llama.
 
-The checkpoints are tiny random ones in InternLM2's on-disk layout (tests/internlm2_fixture.py). Logits are
+The checkpoints are tiny random ones in InternLM2's on-disk layout (selfcog/testing.py). Logits are
 checked against a reference forward written here from the architecture, reading the fused `wqkv` directly;
 token ids against sentencepiece itself, called span by span as InternLM2's slow tokenizer does.
 """
@@ -13,16 +13,13 @@ import math
 import random
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from internlm2_fixture import CHAT_SPECIALS, CHAT_TEMPLATE, MAX_POSITIONS, write_tiny_internlm2  # noqa: E402
-
-from selfcog.errors import SelfcogError  # noqa: E402
+from selfcog.errors import SelfcogError
+from selfcog.testing import CHAT_SPECIALS, CHAT_TEMPLATE, CORPUS, MAX_POSITIONS, write_tiny_internlm2
 from selfcog.internlm2 import (  # noqa: E402
     INTERNLM2_CHAT_TEMPLATE,
     convert_internlm2_state_dict,
@@ -237,8 +234,6 @@ def test_tokenizer_ids_match_sentencepiece(ckpt):
 
 def test_tokenizer_matches_sentencepiece_on_random_text(ckpt):
     """Merge order and byte fallback agree with sentencepiece's BPE on many random strings."""
-    from internlm2_fixture import CORPUS
-
     tokenizer, rng = load_internlm2_tokenizer(ckpt), random.Random(0)
     chars = sorted(set("".join(CORPUS))) + ["é", "🙂", "  ", "\n\n", "<|im_end|>", "<s>", "▁"]
     words = " ".join(CORPUS).split(" ")

@@ -10,7 +10,8 @@ import torch
 from selfcog import load_model
 from selfcog.atomic import atomic_dir
 from selfcog.errors import SelfcogError
-from selfcog.models import COMPLETE_MARKER, EMBEDDED_GGUF_MEMBER, resolve_model, selfcog_home
+from selfcog.models import EMBEDDED_GGUF_MEMBER, resolve_model
+from selfcog.paths import COMPLETE_MARKER, selfcog_home
 
 
 def test_local_directory_loads(tiny_model_dir):

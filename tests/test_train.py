@@ -9,14 +9,19 @@ import os
 import pytest
 import torch
 
-from selfcog.config import RunConfig
+from selfcog.config import EvalArgs, RunConfig
 from selfcog.attention import packed_attention, packed_layout
 from selfcog.data.tokenize import build_examples, pack_batch, shared_prefix_length
-from selfcog.frozen_layers import attach_bottom_hidden, reusable
 from selfcog.models import load_model
 from selfcog.templates import IGNORE_INDEX, encode_example, encode_prompt, render
-from selfcog.train import (GatheredLogProbs, PreservingTrainer, add_lora, attach_base_topk, fit, gathered_log_probs,
-                           preservation_loss, topk_preservation_loss, training_args)
+from selfcog.engine.callbacks import stop_reason
+from selfcog.engine.frozen_layers import attach_bottom_hidden, reusable
+from selfcog.engine.lora import add_lora
+from selfcog.engine.loss import (GatheredLogProbs, attach_base_topk, gathered_log_probs, preservation_loss,
+                                 topk_preservation_loss)
+from selfcog.engine.memory import freed_memory_kept
+from selfcog.engine.trainer import PreservingTrainer
+from selfcog.recipes.identity import fit, training_args
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Alice's assistant."}],
@@ -362,8 +367,6 @@ def test_kl_prompt_covers_preservation_prompts_and_starts_at_zero(tiny_model_dir
 
 
 def test_early_stop_on_learned_identity_or_on_a_plateau():
-    from selfcog.config import EvalArgs
-    from selfcog.train import stop_reason
 
     ev = EvalArgs(plateau_checks=2, plateau_floor=0.75)
 
@@ -395,8 +398,6 @@ def test_freed_memory_stays_in_the_heap_while_training(monkeypatch):
     """freed_memory_kept: inside it a 64 MB tensor comes from the heap (kept for reuse after free), not from a fresh
     mmap that is unmapped on free; afterwards glibc's defaults are back; an environment that tunes malloc itself
     is left alone. (Whether that makes steps faster is bench/train_step.py's question.)"""
-    from selfcog.train import freed_memory_kept
-
     if not hasattr(ctypes.CDLL(None), "mallinfo2"):
         pytest.skip("not glibc >= 2.33")
     for key in [k for k in os.environ if k.startswith("MALLOC_")] + ["GLIBC_TUNABLES"]:

@@ -447,7 +447,8 @@ def test_set_value_handles_lists_and_floats():
 
 
 def test_train_config_resolves_yaml_xtuner_and_preset_names(tmp_path):
-    from selfcog.config import dump_config, load_preset, resolve_train_config, save_config
+    from selfcog.config import dump_config, load_preset, save_config
+    from selfcog.xtuner import resolve_train_config
 
     preset = load_preset("smollm2-135m-lora")
     assert dump_config(resolve_train_config("smollm2-135m-lora")) == dump_config(preset)
@@ -516,7 +517,8 @@ def test_tutorial_data_keeps_the_steps_the_config_implies(tmp_path):
     7,500 records: 3 epochs of their tokens cut into 2,048-token rows, 16 rows per step."""
     from selfcog.data.identity import Persona, seed_records
     from selfcog.templates import encode_example
-    from selfcog.train import keep_steps, pack_to_max_length, train_data
+    from selfcog.data.packing import pack_to_max_length
+    from selfcog.recipes.sft import keep_steps, train_data
     from selfcog.xtuner import load_xtuner_config
     from conftest import build_tokenizer
 
@@ -542,7 +544,7 @@ def test_tutorial_data_keeps_the_steps_the_config_implies(tmp_path):
 
 def test_keep_steps_without_packing_and_with_max_steps():
     from selfcog.config import RunConfig
-    from selfcog.train import TrainData, keep_steps
+    from selfcog.recipes.sft import TrainData, keep_steps
 
     config = RunConfig()
     config.train.epochs, config.train.batch_size, config.train.grad_accum = 2.0, 4, 2
@@ -559,7 +561,7 @@ def test_keep_steps_without_packing_and_with_max_steps():
 def test_identity_data_is_recognised():
     from selfcog.data.formats import to_messages
     from selfcog.data.identity import Persona, identity_records, seed_records
-    from selfcog.train import identity_in
+    from selfcog.recipes.sft import identity_in
 
     def convs(records):
         return [to_messages(r) for r in records]
@@ -630,7 +632,7 @@ def test_the_tutorial_through_selfcog_train(tiny_model_dir, tmp_path):
 
 
 def test_identity_flag_trains_like_selfcog_run(tiny_model_dir, tmp_path, monkeypatch):
-    import selfcog.run
+    import selfcog.recipes.sft
 
     seen = {}
 
@@ -638,7 +640,7 @@ def test_identity_flag_trains_like_selfcog_run(tiny_model_dir, tmp_path, monkeyp
         seen["config"] = config
         return Path(config.out)
 
-    monkeypatch.setattr(selfcog.run, "run", fake_run)
+    monkeypatch.setattr(selfcog.recipes.sft, "run", fake_run)
     path = tutorial_files(tmp_path, tiny_model_dir)
     result = CliRunner().invoke(main, ["train", str(path), "--identity", TUTORIAL_NAME, "--work-dir", "w"])
     assert result.exit_code == 0, result.output

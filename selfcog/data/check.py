@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+from itertools import groupby
 from pathlib import Path
 
+from selfcog.data.formats import load_conversations
 from selfcog.errors import SelfcogError
+from selfcog.templates import IGNORE_INDEX, encode_example
 
 
 def broken_json_record(path: Path) -> int | None:
     """Index of the first record of a JSON array that does not parse (None when the array itself is fine)."""
-    import json
-
     text = path.read_text(encoding="utf-8")
     decoder, i = json.JSONDecoder(), text.index("[") + 1
     index = 0
@@ -34,10 +37,6 @@ def broken_json_record(path: Path) -> int | None:
 
 def marked_example(tokenizer, messages: list[dict]) -> str:
     """The rendered sample with each span of loss-carrying tokens wrapped in [[ ]]."""
-    from itertools import groupby
-
-    from selfcog.templates import IGNORE_INDEX, encode_example
-
     input_ids, labels = encode_example(tokenizer, messages)
     pieces = []
     for learned, group in groupby(zip(input_ids, labels), key=lambda pair: pair[1] != IGNORE_INDEX):
@@ -48,8 +47,6 @@ def marked_example(tokenizer, messages: list[dict]) -> str:
 
 def load_checked(path: Path) -> list[list[dict]]:
     """load_conversations, with the record index added to a broken-JSON error in a JSON array."""
-    from selfcog.data.formats import load_conversations
-
     try:
         return load_conversations(path)
     except SelfcogError as exc:
@@ -64,11 +61,6 @@ def load_checked(path: Path) -> list[list[dict]]:
 def check_data_report(path: Path, conversations: list[list[dict]], tokenizer, model_spec: str,
                       keep_duplicates: bool, max_length: int) -> str:
     """Counts, token length stats and one example with its loss-carrying tokens marked."""
-    import json
-    from collections import Counter
-
-    from selfcog.templates import encode_example
-
     counts = Counter(json.dumps(c, ensure_ascii=False, sort_keys=True) for c in conversations)
     duplicates = len(conversations) - len(counts)
     turns = sum(1 for c in conversations for m in c if m["role"] == "assistant")

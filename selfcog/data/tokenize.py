@@ -74,7 +74,7 @@ def row_base_topk(features: list[dict], prefix: int) -> dict[str, torch.Tensor]:
 
 
 def row_bottom_hidden(features: list[dict], prefix: int) -> torch.Tensor:
-    """The stored states entering the first adapted layer (selfcog.frozen_layers), lined up with the packed row;
+    """The stored states entering the first adapted layer (selfcog.engine.frozen_layers), lined up with the packed row;
     zeros for samples that have none (they run through the frozen layers in the step). The prefix's states are
     the same in every sample (same tokens and positions, causal attention), so the first sample's serve."""
     size = next(f["bottom_hidden"].shape[1] for f in features if "bottom_hidden" in f)

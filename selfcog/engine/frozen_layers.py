@@ -20,9 +20,11 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 
 from selfcog.attention import check_used, packed_attention, packed_layout
 from selfcog.cache import cached_tensors
+from selfcog.data.packing import pack_to_max_length
 from selfcog.data.tokenize import pack_batch
 
 
@@ -34,8 +36,6 @@ class _Caught(Exception):
 
 def decoder_of(model):
     """The decoder stack (`LlamaModel` and its kind) under a causal LM, a peft model or a DDP wrapper, or None."""
-    from accelerate.utils import extract_model_from_parallel
-
     base = extract_model_from_parallel(model)
     base = base.get_base_model() if hasattr(base, "get_base_model") else base
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
@@ -90,8 +90,6 @@ def per_position(model, samples: list[dict], forward, row_tokens: int = 512) -> 
     """`forward(model, inputs, layout)` -> a dict of per-position tensors for one packed row, run over `samples`
     packed whole into rows of about `row_tokens` (no shared prefix, so a row is its samples' positions back to
     back); each entry concatenated over the rows."""
-    from selfcog.train import pack_to_max_length
-
     outputs: dict[str, list[torch.Tensor]] = {}
     with packed_attention(model):
         for group in pack_to_max_length(samples, row_tokens):

@@ -6,7 +6,7 @@ six pieces are `[UNUSED_TOKEN_141..146]` placeholders that `tokenizer_config.jso
 `added_tokens_decoder` to `<|plugin|> ... <|im_start|>`, and the chat template. The remote-code files are
 tripwires: importing any of them raises, so a loader that runs remote code fails loudly.
 
-Shared by `tests/test_internlm2.py` and `bench/cuda_internlm2_qlora.py`; imports nothing from selfcog.
+Shared by `tests/test_internlm2.py` and `bench/cuda_internlm2_qlora.py`; imports nothing else from selfcog.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""One module per training recipe: `identity` (`selfcog run`'s fine-tune) and `sft` (`selfcog train CONFIG`)."""
