@@ -10,6 +10,7 @@ sample texts, and logits within the storage type's rounding. An Ollama `Modelfil
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -21,8 +22,10 @@ import torch
 from selfcog.atomic import write_text
 from selfcog.errors import SelfcogError
 from selfcog.export import share
-from selfcog.models import load_model, log
+from selfcog.models import load_model
 from selfcog.templates import END_OF_TURN_TOKENS, stop_token_ids
+
+logger = logging.getLogger(__name__)
 
 # transformers model_type -> GGUF architecture. Both are llama-shaped decoders; qwen2 adds q/k/v biases.
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
@@ -315,7 +318,7 @@ def verify_round_trip(model, tokenizer, path: Path, qtype: str) -> dict:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log(f"selfcog: checking that {path.name} reads back with transformers ...")
+    logger.info(f"selfcog: checking that {path.name} reads back with transformers ...")
     back_tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     texts = sample_texts(tokenizer)
     mismatched = [text for text in texts if tokenizer(text)["input_ids"] != back_tokenizer(text)["input_ids"]]
