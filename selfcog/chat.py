@@ -28,6 +28,55 @@ def load_chat_model(spec: str, adapter: str | None = None, trust_remote_code: bo
     return model, tokenizer
 
 
+def parse_adapters(values, main_name: str) -> list[tuple[str, str]]:
+    """`--adapter NAME=DIR` values as `(model id, dir)`; a bare `DIR` answers as `main_name` itself."""
+    named: list[tuple[str, str]] = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = main_name, value
+        name, path = name.strip(), path.strip()
+        if not name or not path:
+            raise SelfcogError(f"--adapter {value}: expected NAME=DIR or DIR")
+        if any(name == other for other, _ in named):
+            raise SelfcogError(f"--adapter {value}: the name '{name}' is given twice")
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise SelfcogError(f"--adapter {value}: {path} is not a LoRA adapter directory (no adapter_config.json)")
+        named.append((name, path))
+    return named
+
+
+def load_identities(spec: str, adapters: list[tuple[str, str]], main_name: str, trust_remote_code: bool = False,
+                    dtype=None):
+    """`(model, tokenizer, identities)`: the base model with every adapter loaded side by side (not merged), and
+    `identities` mapping each model id to the PEFT adapter that answers it (`"__base__"`: the base model).
+
+    The base answers as `main_name` unless an adapter took that name. Without adapters the identities are
+    `{main_name: None}`: the model as loaded."""
+    from selfcog.batching import BASE_ADAPTER
+
+    model, tokenizer = load_model(spec, dtype=dtype, trust_remote_code=trust_remote_code)
+    if not adapters:
+        return model, tokenizer, {main_name: None}
+    from peft import PeftModel
+
+    identities: dict[str, str | None] = {}
+    if all(name != main_name for name, _ in adapters):
+        identities[main_name] = BASE_ADAPTER
+    for i, (name, path) in enumerate(adapters):
+        slot = f"identity{i}"  # peft's module keys: ASCII, no dots, whatever the model id is
+        try:
+            if i == 0:
+                model = PeftModel.from_pretrained(model, path, adapter_name=slot)
+            else:
+                model.load_adapter(path, adapter_name=slot)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise SelfcogError(f"--adapter {name}={path}: does not fit {spec}: {first}") from exc
+        identities[name] = slot
+    return model.eval(), tokenizer, identities
+
+
 def reply(model, tokenizer, history: list[dict], sampling: SamplingArgs, out=None) -> str:
     """Stream one answer to `out` (leading blank space dropped) and return it, stripped."""
     out = out or sys.stdout

@@ -199,15 +199,28 @@ def web(model_spec, compare_spec, port, host, adapter, system, max_new_tokens, t
 @click.option("--port", default=8000, show_default=True)
 @click.option("--api-key", default=None, envvar="SELFCOG_API_KEY",
               help="Require 'Authorization: Bearer KEY' (or set SELFCOG_API_KEY).")
-@click.option("--adapter", default=None, help="A LoRA adapter directory applied without merging.")
+@click.option("--adapter", "adapters", multiple=True, metavar="[NAME=]DIR",
+              help="A LoRA adapter served without merging; repeat for several identities over one base. NAME=DIR "
+              "serves it as model NAME beside the bare base; a bare DIR answers as the base's own id.")
 @click.option("--model-name", default=None, help="The model id clients use (default: MODEL_SPEC).")
+@click.option("--no-batching", is_flag=True, help="Answer one request at a time instead of batching them.")
+@click.option("--max-batch", default=32, show_default=True, help="Most requests decoded together.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+              help="auto: bfloat16 on a CPU with native bf16 (AVX512-BF16, AMX) or a GPU, else float32.")
+@click.option("--trim-history", is_flag=True, help="Drop the oldest turns of a conversation longer than the "
+              "context instead of answering 400 context_length_exceeded.")
+@click.option("--max-request-bytes", default=1 << 20, show_default=True, help="Larger request bodies get 413.")
+@click.option("--no-auth", is_flag=True, help="Allow a non-loopback --host without an API key.")
 @click.option("--trust-remote-code", is_flag=True)
 @sampling_options
-def serve(model_spec, host, port, api_key, adapter, model_name, trust_remote_code, **kwargs):
+def serve(model_spec, host, port, api_key, adapters, model_name, no_batching, max_batch, dtype, trim_history,
+          max_request_bytes, no_auth, trust_remote_code, **kwargs):
     """Serve MODEL as an OpenAI-compatible API; sampling options are defaults for requests that omit them."""
     from selfcog.serve import serve as run_server  # torch
 
-    run_server(model_spec, host, port, api_key, adapter, model_name, sampling_from(kwargs), trust_remote_code)
+    run_server(model_spec, host, port, api_key, adapters, model_name, sampling_from(kwargs), trust_remote_code,
+               batching=not no_batching, max_batch=max_batch, dtype=dtype, trim_history=trim_history,
+               no_auth=no_auth, max_body_bytes=max_request_bytes)
 
 
 @main.command("export-gguf")

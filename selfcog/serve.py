@@ -2,8 +2,9 @@
 
 `GET /v1/models`, `POST /v1/chat/completions` (plain JSON or `stream: true` server-sent events ending
 `data: [DONE]`), errors shaped like OpenAI's `{"error": {"message", "type", "param", "code"}}`.
-One model instance answers one request at a time: requests wait in FIFO order for a single worker thread,
-and a client that disconnects (or whose request was still queued) stops its own generation.
+Requests decode together in one continuous batch (`selfcog.batching`), or one at a time in arrival order with
+`batching=False`; a client that disconnects (or whose request was still queued) stops its own generation.
+Several identities (LoRA adapters over one base model) are served side by side: a request's `model` picks one.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from selfcog.batching import DONE, BatchEngine, Overloaded
 from selfcog.errors import SelfcogError
-from selfcog.generate import SamplingArgs, plan_prompt, stream_chat
+from selfcog.generate import ContextLengthExceeded, SamplingArgs, plan_prompt
+from selfcog.streaming import stream_ids
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -91,6 +94,7 @@ class ChatRequest(BaseModel):
     # Extensions (as in vLLM): not in OpenAI's API.
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0)
+    trim_history: bool | None = Field(None, description="drop the oldest turns to fit the context")
 
     @field_validator("stop")
     @classmethod
@@ -113,14 +117,12 @@ class ChatRequest(BaseModel):
 
 # ---------------------------------------------------------------------------------------------- worker
 
-_DONE = object()
-
-
 class Job:
-    """One request's generation: pieces flow from the worker thread into the request's event loop."""
+    """One request's generation: pieces flow from the generating thread into the request's event loop."""
 
-    def __init__(self, messages: list[dict], args: SamplingArgs, seed: int | None):
-        self.messages, self.args, self.seed = messages, args, seed
+    def __init__(self, ids: list[int], max_new_tokens: int, args: SamplingArgs, seed: int | None,
+                 adapter: str | None = None):
+        self.ids, self.max_new_tokens, self.args, self.seed, self.adapter = ids, max_new_tokens, args, seed, adapter
         self.stop = threading.Event()
         self.info: dict = {}
         self.loop = asyncio.get_running_loop()
@@ -136,7 +138,7 @@ class Job:
         """Text pieces until generation ends; re-raises a generation error."""
         while True:
             item = await self.out.get()
-            if item is _DONE:
+            if item is DONE:
                 return
             if isinstance(item, BaseException):
                 raise item
@@ -144,7 +146,7 @@ class Job:
 
 
 class Worker:
-    """The single model instance and the one thread that runs it; jobs run in arrival order."""
+    """One request at a time: the model and the one thread that runs it; jobs run in arrival order."""
 
     def __init__(self, model, tokenizer, max_queue: int):
         self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
@@ -157,17 +159,17 @@ class Worker:
     def submit(self, job: Job) -> None:
         with self.lock:
             if self.waiting >= self.max_queue:
-                raise APIError(503, f"server is busy ({self.waiting} requests waiting); retry later",
-                               type_="server_error", code="overloaded")
+                raise Overloaded(self.waiting)
             self.waiting += 1
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self.run, name="selfcog-serve-worker", daemon=True)
                 self.thread.start()
         self.jobs.put(job)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10) -> None:
         if self.thread is not None and self.thread.is_alive():
             self.jobs.put(None)
+            self.thread.join(timeout)
 
     def run(self) -> None:
         while True:
@@ -178,7 +180,7 @@ class Worker:
                 if job.stop.is_set():  # its client left while it waited
                     self.stats["skipped"] += 1
                     job.info.update(finish_reason="cancelled", completion_tokens=0)
-                    job.push(_DONE)
+                    job.push(DONE)
                     continue
                 self.generate(job)
             finally:
@@ -189,17 +191,16 @@ class Worker:
         import torch
 
         try:
-            if job.seed is not None:
-                torch.manual_seed(job.seed)
-            for piece in stream_chat(self.model, self.tokenizer, job.messages, job.args, stop=job.stop,
-                                     info=job.info):
+            generator = None if job.seed is None else torch.Generator(self.model.device).manual_seed(job.seed)
+            for piece in stream_ids(self.model, self.tokenizer, job.ids, job.args, job.max_new_tokens, job.stop,
+                                    job.info, job.adapter, generator):
                 job.push(piece)
         except Exception as exc:  # noqa: BLE001 - reported to this request's client
             self.stats["failed"] += 1
             job.push(exc)
             return
         self.stats["cancelled" if job.info.get("finish_reason") == "cancelled" else "completed"] += 1
-        job.push(_DONE)
+        job.push(DONE)
 
 
 class StopStrings:
@@ -251,6 +252,46 @@ class RequireKey:
         await self.app(scope, receive, send)
 
 
+class LimitBody:
+    """ASGI middleware: a request body over `max_bytes` gets 413 before the app sees it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"").decode("latin-1")
+        too_large = declared.isdigit() and int(declared) > self.max_bytes
+        body, more = b"", not too_large
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            too_large = len(body) > self.max_bytes
+            if too_large:
+                break
+        if too_large:
+            response = error_response(413, f"request body is larger than {self.max_bytes} bytes",
+                                      code="request_too_large")
+            await response(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
 class GenerationResponse(StreamingResponse):
     """A streaming response that stops its generation however it ends (finished, disconnected, failed)."""
 
@@ -268,10 +309,19 @@ class GenerationResponse(StreamingResponse):
 # ---------------------------------------------------------------------------------------------- app
 
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None, *,
-               defaults: SamplingArgs | None = None, max_queue: int = 64) -> FastAPI:
-    """The API app for one loaded model. `api_key` set: every /v1 request needs `Authorization: Bearer KEY`."""
+               defaults: SamplingArgs | None = None, max_queue: int = 64, batching: bool = True,
+               max_batch: int = 32, identities: dict[str, str | None] | None = None,
+               max_body_bytes: int = 1 << 20, trim_history: bool = False) -> FastAPI:
+    """The API app for one loaded model. `api_key` set: every /v1 request needs `Authorization: Bearer KEY`.
+
+    `identities` maps each model id clients may ask for to the PEFT adapter that answers it (`BASE_ADAPTER`: the
+    base model); by default `model_name` alone, answered by the model as loaded. `batching` decodes requests
+    together (up to `max_batch` at once); without it one at a time. A conversation longer than the context is a
+    400 `context_length_exceeded` unless `trim_history` (or the request's `trim_history`) drops its oldest turns.
+    """
     defaults = defaults or SamplingArgs()
-    worker = Worker(model, tokenizer, max_queue)
+    identities = identities or {model_name: None}
+    worker = BatchEngine(model, tokenizer, max_batch, max_queue) if batching else Worker(model, tokenizer, max_queue)
     created = int(time.time())
 
     @asynccontextmanager
@@ -308,10 +358,17 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, *,
             message = f"unknown path {request.url.path}"
         return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
 
+    app.add_middleware(LimitBody, max_bytes=max_body_bytes)
     if api_key is not None:
-        app.add_middleware(RequireKey, api_key=api_key)
+        app.add_middleware(RequireKey, api_key=api_key)  # added last: runs first, before the body is read
 
-    model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "selfcog"}
+    def card(model_id: str) -> dict:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "selfcog"}
+
+    def unknown(model_id: str) -> APIError:
+        served = ", ".join(f"'{m}'" for m in identities)
+        return APIError(404, f"model '{model_id}' not found; this server serves {served}", param="model",
+                        code="model_not_found")
 
     @app.get("/health")
     async def health():
@@ -319,41 +376,47 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, *,
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [model_card]}
+        return {"object": "list", "data": [card(m) for m in identities]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
-        if model_id != model_name:
-            raise APIError(404, f"model '{model_id}' not found; this server serves '{model_name}'",
-                           param="model", code="model_not_found")
-        return model_card
+        if model_id not in identities:
+            raise unknown(model_id)
+        return card(model_id)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        if body.model is not None and body.model != model_name:
-            raise APIError(404, f"model '{body.model}' not found; this server serves '{model_name}'",
-                           param="model", code="model_not_found")
+        model_id = next(iter(identities)) if body.model is None else body.model
+        if model_id not in identities:
+            raise unknown(model_id)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         args = body.sampling(defaults)
+        trim = trim_history if body.trim_history is None else body.trim_history
         try:
             args.check()
-            plan_prompt(model, tokenizer, messages, args)  # template and length problems surface as 400 here
+            ids, max_new_tokens = plan_prompt(model, tokenizer, messages, args, trim=trim)
+        except ContextLengthExceeded as exc:
+            raise APIError(400, f"{exc}; shorten the messages, or send \"trim_history\": true to drop the oldest "
+                           "turns", param="messages", code="context_length_exceeded") from None
         except SelfcogError as exc:
             raise APIError(400, str(exc), param="messages") from None
         except Exception as exc:  # noqa: BLE001 - e.g. a chat template rejecting the role order
             raise APIError(400, f"messages: the model's chat template rejected them ({exc})",
                            param="messages") from None
-        job = Job(messages, args, body.seed)
-        worker.submit(job)
+        job = Job(ids, max_new_tokens, args, body.seed, identities[model_id])
+        try:
+            worker.submit(job)
+        except Overloaded as exc:
+            raise APIError(503, str(exc), type_="server_error", code="overloaded") from None
         reply_id = f"chatcmpl-{uuid.uuid4().hex}"
         stops = StopStrings(body.stop)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return GenerationResponse(sse_events(job, stops, reply_id, model_name, include_usage), job.stop,
+            return GenerationResponse(sse_events(job, stops, reply_id, model_id, include_usage), job.stop,
                                       media_type="text/event-stream",
                                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await complete(job, stops, reply_id, model_name, request)
+        return await complete(job, stops, reply_id, model_id, request)
 
     return app
 
@@ -378,7 +441,7 @@ async def complete(job: Job, stops: StopStrings, reply_id: str, model_name: str,
                 if await request.is_disconnected():
                     job.stop.set()
                 continue
-            if item is _DONE:
+            if item is DONE:
                 break
             if isinstance(item, BaseException):
                 raise APIError(500, f"generation failed: {item}", type_="server_error")
@@ -469,19 +532,47 @@ def check_port(host: str, port: int) -> None:
             raise SelfcogError(f"{host}:{port}: cannot listen ({exc.strerror or exc})") from None
 
 
+def serving_dtype(setting: str = "auto"):
+    """`auto`: bf16 on a GPU that has it and on a CPU with native bf16 (AVX512-BF16 or AMX), else fp32."""
+    import torch
+
+    from selfcog.train import cpu_has_native_bf16
+
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if setting in choices:
+        return choices[setting]
+    if setting != "auto":
+        raise SelfcogError(f"--dtype {setting}: choose auto, float32 or bfloat16")
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
 def serve(spec: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          adapter: str | None = None, model_name: str | None = None, defaults: SamplingArgs | None = None,
-          trust_remote_code: bool = False) -> None:
+          adapters: tuple[str, ...] = (), model_name: str | None = None, defaults: SamplingArgs | None = None,
+          trust_remote_code: bool = False, *, batching: bool = True, max_batch: int = 32, dtype: str = "auto",
+          trim_history: bool = False, no_auth: bool = False, max_body_bytes: int = 1 << 20) -> None:
+    """Serve `spec` (and each `--adapter [NAME=]DIR` over it) until SIGINT or SIGTERM."""
     import uvicorn
 
-    from selfcog.chat import load_chat_model
+    from selfcog.chat import load_identities, parse_adapters
 
     check_port(host, port)
-    if host not in LOOPBACK and not api_key:
-        print(f"selfcog: warning: serving on {host} without --api-key: anyone who reaches this port can use "
-              "the model", file=sys.stderr, flush=True)
-    model, tokenizer = load_chat_model(spec, adapter, trust_remote_code)
-    app = create_app(model, tokenizer, model_name or spec, api_key, defaults=(defaults or SamplingArgs()).check())
-    print(f"selfcog: serving {model_name or spec} at http://{host}:{port}/v1 (OpenAI-compatible)",
+    if host not in LOOPBACK and not api_key and not no_auth:
+        raise SelfcogError(f"--host {host}: serving beyond this machine needs --api-key (or SELFCOG_API_KEY); "
+                           "pass --no-auth to serve without one")
+    if max_batch < 1:
+        raise SelfcogError(f"--max-batch must be >= 1 (got {max_batch})")
+    name = model_name or spec
+    named = parse_adapters(adapters, name)
+    model, tokenizer, identities = load_identities(spec, named, name, trust_remote_code, serving_dtype(dtype))
+    app = create_app(model, tokenizer, name, api_key, defaults=(defaults or SamplingArgs()).check(),
+                     batching=batching, max_batch=max_batch, identities=identities, max_body_bytes=max_body_bytes,
+                     trim_history=trim_history)
+    import torch
+
+    how = f"continuous batching up to {max_batch}" if batching else "one request at a time"
+    print(f"selfcog: serving {', '.join(identities)} at http://{host}:{port}/v1 (OpenAI-compatible; "
+          f"{how}; {str(next(model.parameters()).dtype).replace('torch.', '')}, {torch.get_num_threads()} threads)",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")

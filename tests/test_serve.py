@@ -127,13 +127,14 @@ def test_disconnect_mid_stream_stops_generation(server):
         time.sleep(0.05)
 
 
-def test_concurrent_requests_are_queued_and_all_answered(server, client, monkeypatch):
-    """Four requests at once: one model, one generation at a time, the others wait in the queue, all get answered."""
+def test_without_batching_requests_are_queued_and_all_answered(tiny, monkeypatch):
+    """Four requests at once with batching off: one generation at a time, the others wait, all get answered."""
     import selfcog.serve
 
-    worker = server[0].state.worker
+    app = create_app(*tiny, "tiny", batching=False)
+    worker = app.state.worker
     lock, running, seen = threading.Lock(), [0], []  # seen: (generations running, requests in the worker) at starts
-    plain = selfcog.serve.stream_chat
+    plain = selfcog.serve.stream_ids
 
     def watched(*args, **kwargs):
         with lock:
@@ -146,27 +147,47 @@ def test_concurrent_requests_are_queued_and_all_answered(server, client, monkeyp
             with lock:
                 running[0] -= 1
 
-    monkeypatch.setattr(selfcog.serve, "stream_chat", watched)
-    completed = worker.stats["completed"]
-    results, errors = [], []
+    monkeypatch.setattr(selfcog.serve, "stream_ids", watched)
+    with TestClient(app) as client:
+        results = asked_at_once(client, 4)
+    assert all(1 <= reply["usage"]["completion_tokens"] <= 6 for reply in results)
+    assert len(seen) == 4 and worker.stats["completed"] == 4
+    assert max(running for running, _ in seen) == 1, seen  # never two generations at once
+    assert max(waiting for _, waiting in seen) >= 3, seen  # a generation started with requests queued behind it
+
+
+def asked_at_once(client, count: int, model: str = "tiny") -> list[dict]:
+    results, errors = [None] * count, []
 
     def ask(i):
         try:
-            reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"q{i}"}],
-                                                   max_tokens=6, seed=i)
-            results.append(reply.usage.completion_tokens)
+            response = client.post("/v1/chat/completions", json={
+                "model": model, "messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": 6,
+                "temperature": 0})
+            assert response.status_code == 200, response.text
+            results[i] = response.json()
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(count)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert not errors and len(results) == 4 and all(1 <= n <= 6 for n in results)
-    assert len(seen) == 4 and worker.stats["completed"] == completed + 4
-    assert max(running for running, _ in seen) == 1, seen  # never two generations at once
-    assert max(waiting for _, waiting in seen) >= 3, seen  # a generation started with requests queued behind it
+    assert not errors, errors
+    return results
+
+
+def test_batched_requests_decode_together_and_match_one_at_a_time(tiny):
+    with TestClient(create_app(*tiny, "tiny", batching=False)) as client:
+        one_at_a_time = asked_at_once(client, 6)
+    app = create_app(*tiny, "tiny")
+    with TestClient(app) as client:
+        batched = asked_at_once(client, 6)
+    assert [r["choices"][0]["message"]["content"] for r in batched] == \
+        [r["choices"][0]["message"]["content"] for r in one_at_a_time]
+    assert [r["usage"] for r in batched] == [r["usage"] for r in one_at_a_time]
+    assert app.state.worker.stats["completed"] == 6 and app.state.worker.stats["largest_batch"] > 1
 
 
 def test_stop_strings_cut_the_answer(client, expected):

@@ -1,0 +1,300 @@
+"""Continuous batching: many requests decode together, one forward pass per step for all of them.
+
+A request joins the running batch at a step boundary: its prompt is prefilled alone (exactly as the single
+stream does it), and its KV cache rows are appended to the batch's cache, left-padded to a common length; the
+attention mask hides the padding and each row gets its own position ids. A request that finishes (a stop
+token, its `max_tokens`, its client gone) leaves the batch at the next step, and columns that only padding
+still fills are dropped. Each row keeps its own sampling settings and samples with the one sampler of
+`selfcog.streaming` (transformers' logits processors); requests for different PEFT adapters share a batch
+through peft's `adapter_names`.
+
+transformers' `ContinuousBatchingManager` does per-request temperature, top-k and top-p only (no repetition
+penalty, no PEFT adapter per request), so this loop runs the model's forward with a `DynamicCache` instead,
+through public APIs only.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from selfcog.errors import SelfcogError
+from selfcog.streaming import (Reply, accepts, base_model, cache_keyword, end_of_turn_ids, logits_processors,
+                               next_token, returned_cache)
+
+BASE_ADAPTER = "__base__"
+"""peft's name for "no adapter" in `adapter_names`."""
+
+DONE = object()
+"""Pushed to a request after its last text piece."""
+
+
+@dataclass
+class Request:
+    """One generation. The engine calls `push` (from its thread) with text pieces, then `DONE` or an exception."""
+
+    ids: list[int]
+    args: object
+    """Sampling settings: `temperature`, `top_p`, `top_k`, `repetition_penalty`."""
+    max_new_tokens: int
+    push: Callable[[object], None]
+    stop: threading.Event = field(default_factory=threading.Event)
+    info: dict = field(default_factory=dict)
+    seed: int | None = None
+    adapter: str | None = None
+    """A PEFT adapter name of the engine's model, `BASE_ADAPTER`, or None (a model without adapters)."""
+
+
+class Row:
+    """A request while it is in the batch."""
+
+    def __init__(self, request: Request, reply: Reply, processors, device):
+        self.request, self.reply, self.processors = request, reply, processors
+        self.sequence = torch.tensor([request.ids], device=device)
+        self.generator = None
+        if request.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(request.seed)
+
+    @property
+    def length(self) -> int:
+        return self.sequence.shape[1]
+
+    def sample(self, logits: torch.Tensor) -> int:
+        token = next_token(self.processors, self.sequence, logits, self.request.args.temperature, self.generator)
+        self.sequence = torch.cat([self.sequence, token], dim=1)
+        return int(token)
+
+
+def batchable(model) -> bool:
+    """Whether every layer keeps a plain full-length KV cache (no sliding windows, no recurrent state): the
+    engine left-pads and concatenates caches, which needs that."""
+    config = base_model(model).config
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    return kinds == {"full_attention"} and not getattr(config, "sliding_window", None)
+
+
+def pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    pad = [0, 0] * (tensor.dim() - 1 - dim % tensor.dim()) + [missing, 0]
+    return F.pad(tensor, pad)
+
+
+class BatchEngine:
+    """The model and the one thread that decodes every running request, up to `max_batch` at a time.
+
+    `submit` queues a request (503-style `SelfcogError` from `Overloaded` when `max_queue` are already in);
+    `stats` counts completed, cancelled, failed and skipped (cancelled before they started) requests.
+    """
+
+    def __init__(self, model, tokenizer, max_batch: int = 32, max_queue: int = 64):
+        if not batchable(model):
+            raise SelfcogError("this model's attention layers keep sliding-window or recurrent state; "
+                               "serve it with --no-batching")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue = max(1, max_batch), max_queue
+        self.stop_ids = end_of_turn_ids(tokenizer)
+        self.min_new = getattr(getattr(model, "generation_config", None), "min_new_tokens", None) or 0
+        self.keyword = cache_keyword(model)
+        self.logits_to_keep = accepts(model, "logits_to_keep")
+        self.pending: deque[Request] = deque()
+        self.condition = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.closed = False
+        self.rows: list[Row] = []
+        self.cache = None
+        self.mask: torch.Tensor | None = None
+        self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "skipped": 0, "steps": 0, "largest_batch": 0}
+
+    # ------------------------------------------------------------------------------------------ interface
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued or running."""
+        return len(self.pending) + len(self.rows)
+
+    def submit(self, request: Request) -> None:
+        with self.condition:
+            if self.waiting >= self.max_queue:
+                raise Overloaded(self.waiting)
+            self.pending.append(request)
+            if self.thread is None or not self.thread.is_alive():
+                self.closed = False
+                self.thread = threading.Thread(target=self.run, name="selfcog-batch-engine", daemon=True)
+                self.thread.start()
+            self.condition.notify()
+
+    def close(self, timeout: float = 10) -> None:
+        """Fail what is still queued or running, and end the thread."""
+        with self.condition:
+            self.closed = True
+            self.condition.notify()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout)
+
+    def stream(self, ids: list[int], args, max_new_tokens: int, stop: threading.Event | None = None,
+               info: dict | None = None, seed: int | None = None, adapter: str | None = None):
+        """The reply's text pieces for a caller in another thread (a blocking iterator)."""
+        import queue
+
+        out: queue.Queue = queue.Queue()
+        request = Request(ids, args, max_new_tokens, out.put, stop or threading.Event(),
+                          info if info is not None else {}, seed, adapter)
+        self.submit(request)
+        try:
+            while (item := out.get()) is not DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            request.stop.set()
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        while True:
+            with self.condition:
+                while not self.pending and not self.rows and not self.closed:
+                    self.condition.wait()
+                if self.closed:
+                    self.fail_all(SelfcogError("the server is shutting down"))
+                    return
+                joining = []
+                while self.pending and len(self.rows) + len(joining) < self.max_batch:
+                    joining.append(self.pending.popleft())
+            try:
+                with torch.inference_mode():
+                    self.admit(joining)
+                    self.drop_finished()
+                    if self.rows:
+                        self.step()
+                        self.drop_finished()
+            except Exception as exc:  # noqa: BLE001 - reported to every request in the batch
+                self.fail_all(exc)
+
+    def admit(self, requests: list[Request]) -> None:
+        """Prefill each joining request alone, sample its first token, and append its cache to the batch's."""
+        caches = []
+        for request in requests:
+            if request.stop.is_set():  # its client left while it waited
+                self.stats["skipped"] += 1
+                request.info.update(prompt_tokens=len(request.ids), completion_tokens=0, finish_reason="cancelled")
+                request.push(DONE)
+                continue
+            reply = Reply(self.tokenizer, len(request.ids), request.max_new_tokens, self.stop_ids, request.info)
+            processors = logits_processors(request.args, self.stop_ids, len(request.ids), self.min_new)
+            row = Row(request, reply, processors, self.model.device)
+            try:
+                out = self.model(input_ids=row.sequence, use_cache=True, **{self.keyword: None},
+                                 **self.extra([row]))
+                self.emit(row, row.sample(out.logits[:, -1, :]))
+            except Exception as exc:  # noqa: BLE001 - this request alone failed
+                self.stats["failed"] += 1
+                request.push(exc)
+                continue
+            caches.append((row, returned_cache(out)))
+        if caches:
+            self.join([row for row, _ in caches], [cache for _, cache in caches])
+
+    def extra(self, rows: list[Row]) -> dict:
+        kwargs = {"logits_to_keep": 1} if self.logits_to_keep else {}
+        if any(row.request.adapter is not None for row in rows):
+            kwargs["adapter_names"] = [row.request.adapter or BASE_ADAPTER for row in rows]
+        return kwargs
+
+    def step(self) -> None:
+        """One forward pass over every row's newest token."""
+        rows = self.rows
+        inputs = torch.cat([row.sequence[:, -1:] for row in rows])
+        # A row's newest token is not in the cache yet: its position is the number of tokens before it.
+        positions = torch.tensor([[row.length - 1] for row in rows], device=inputs.device)
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(rows), 1))], dim=1)
+        out = self.model(input_ids=inputs, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                         **{self.keyword: self.cache}, **self.extra(rows))
+        self.cache = returned_cache(out)
+        logits = out.logits[:, -1, :]
+        for i, row in enumerate(rows):
+            self.emit(row, row.sample(logits[i:i + 1]))
+        self.stats["steps"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
+
+    def emit(self, row: Row, token: int) -> None:
+        piece = row.reply.push(token)
+        if piece:
+            row.request.push(piece)
+
+    # ------------------------------------------------------------------------------------------ the cache
+
+    def join(self, rows: list[Row], caches: list) -> None:
+        """Append the new rows' caches (batch 1 each, no padding) to the batch's, left-padded to one width."""
+        from transformers import DynamicCache
+
+        lengths = [row.length - 1 for row in rows]  # the sampled token is not in its cache yet
+        parts = ([self.cache] if self.cache is not None else []) + caches
+        width = max([self.mask.shape[1] if self.mask is not None else 0] + lengths)
+        masks = ([pad_left(self.mask, width, 1)] if self.mask is not None else []) + \
+            [pad_left(torch.ones((1, n), dtype=torch.long, device=self.model.device), width, 1) for n in lengths]
+        layers = []
+        for per_layer in zip(*parts):
+            keys = torch.cat([pad_left(layer[0], width, 2) for layer in per_layer])
+            values = torch.cat([pad_left(layer[1], width, 2) for layer in per_layer])
+            layers.append((keys, values))
+        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.mask = torch.cat(masks)
+        self.rows = self.rows + rows
+
+    def drop_finished(self) -> None:
+        """Finish rows that ended or were cancelled, and take them out of the batch."""
+        keep = []
+        for i, row in enumerate(self.rows):
+            cancelled = row.request.stop.is_set()
+            if not (row.reply.ended or cancelled):
+                keep.append(i)
+                continue
+            tail = row.reply.close(cancelled and not row.reply.ended)
+            if tail:
+                row.request.push(tail)
+            self.stats["cancelled" if row.request.info["finish_reason"] == "cancelled" else "completed"] += 1
+            row.request.push(DONE)
+        if len(keep) == len(self.rows):
+            return
+        with self.condition:
+            self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache, self.mask = None, None
+            return
+        self.cache.batch_select_indices(torch.tensor(keep, device=self.mask.device))
+        self.mask = self.mask[keep]
+        self.trim()
+
+    def trim(self) -> None:
+        """Drop leading cache columns that are padding in every row."""
+        from transformers import DynamicCache
+
+        used = self.mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        if start == 0:
+            return
+        self.cache = DynamicCache(ddp_cache_data=[(layer[0][:, :, start:], layer[1][:, :, start:])
+                                                  for layer in self.cache])
+        self.mask = self.mask[:, start:]
+
+    def fail_all(self, exc: BaseException) -> None:
+        with self.condition:
+            requests = [row.request for row in self.rows] + list(self.pending)
+            self.rows, self.cache, self.mask = [], None, None
+            self.pending.clear()
+        for request in requests:
+            self.stats["failed"] += 1
+            request.push(exc)
+
+
+class Overloaded(SelfcogError):
+    def __init__(self, waiting: int):
+        super().__init__(f"server is busy ({waiting} requests waiting); retry later")
