@@ -14,14 +14,19 @@ from transformers import TrainerCallback
 from selfcog.atomic import write_text
 from selfcog.config import RunConfig
 from selfcog.engine.memory import peak_memory_mib
-from selfcog.evaluate import Scores, mentions, score
+from selfcog.evaluate import ASK_PARTS, QA_PARTS, Scores, joined, mentions, score
 from selfcog.generate import generate_batch
 
 logger = logging.getLogger(__name__)
 
 
 class IdentityEarlyStop(TrainerCallback):
-    """Every `eval_steps`: score the dev phrasings; stop once identity, retention and leakage all pass."""
+    """Every `eval_steps`: score the dev phrasings; stop once identity, retention and leakage all pass.
+
+    A check answers the identity questions first and the general ones (retention, leakage) only when the identity
+    side would stop training: the stopping decisions are those of scoring everything at every check, at about a
+    third of the cost of the checks that do not stop (20 of the 58 dev questions).
+    """
 
     def __init__(self, config: RunConfig, tokenizer, base_dev: Scores | None):
         self.config, self.tokenizer, self.base_dev = config, tokenizer, base_dev
@@ -36,18 +41,18 @@ class IdentityEarlyStop(TrainerCallback):
             return control
         began = time.perf_counter()
         model.eval()
-        dev = score(model, self.tokenizer, self.config.data.name, "dev", self.config.eval.max_new_tokens,
-                    base=self.base_dev)
+        ev = self.config.eval
+        dev = self.dev_scores(model, ASK_PARTS)
+        entry = check_entry(state.global_step, dev)
+        if stop_reason(self.history + [entry], ev):
+            dev = joined(dev, self.dev_scores(model, QA_PARTS))
+            entry = check_entry(state.global_step, dev)
         model.train()
         self.seconds += time.perf_counter() - began
-        entry = {"step": state.global_step, **dev.summary()}
-        entry.pop("questions")
-        entry["failures"] = dev.failures()  # which dev questions missed the name, leaked or were lost
         self.history.append(entry)
         logger.info(f"selfcog: step {state.global_step} dev identity {dev.asked:.2f} "
                     f"retention {fmt(entry['retention'])} (zh {fmt(entry['retention_zh'])}) "
                     f"leakage {fmt(entry['leakage'])} (traps {fmt(entry['leakage_traps'])})")
-        ev = self.config.eval
         reason = stop_reason(self.history, ev)
         if reason:
             # More steps only move general answers further from the base model, so stop here either way;
@@ -59,6 +64,19 @@ class IdentityEarlyStop(TrainerCallback):
             logger.info(f"selfcog: {reason} at step {state.global_step}; stopping early")
             control.should_training_stop = True
         return control
+
+    def dev_scores(self, model, parts: tuple[str, ...]) -> Scores:
+        return score(model, self.tokenizer, self.config.data.name, "dev", self.config.eval.max_new_tokens,
+                     base=self.base_dev, parts=parts)
+
+
+def check_entry(step: int, dev: Scores) -> dict:
+    """One dev check for `training.dev_history`: every score (None for parts not asked) and the questions behind
+    each shortfall."""
+    entry = {"step": step, **dev.summary()}
+    entry["parts"] = sorted(entry.pop("questions"))
+    entry["failures"] = dev.failures()
+    return entry
 
 
 def dev_leakage(entry: dict) -> float:
