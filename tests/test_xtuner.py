@@ -463,7 +463,7 @@ def test_a_deepspeed_name_in_an_xtuner_config_is_ignored_by_name(tmp_path):
     assert [w for w in warnings if "ignoring deepspeed = 'deepspeed_zero2'" in w and "train.deepspeed" in w]
 
 
-# --- The tutorial through `selfcog train` (issue 15): quiet import, duplicates keep the steps, identity data named --
+# --- The tutorial through `selfcog train`: quiet import, duplicates keep the steps, identity data named --
 
 TUTORIAL_NAME = "伍鲜同志"
 TUTORIAL_MODEL = "/root/InternLM/XTuner/Shanghai_AI_Laboratory/internlm2-chat-1_8b"
