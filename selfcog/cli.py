@@ -182,7 +182,8 @@ def merge(base, adapter, out, max_shard_size, dtype):
 @click.option("--compare", "compare_spec", default=None, help="A base model answering side by side with MODEL.")
 @click.option("--port", default=8501, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Listen address (loopback by default).")
-@click.option("--adapter", default=None, help="A LoRA adapter directory applied to MODEL without merging.")
+@click.option("--adapter", multiple=True, metavar="[NAME=]DIR",
+              help="A LoRA adapter applied to MODEL without merging; several NAME=DIR add an identity switch.")
 @click.option("--system", default=None, help="Initial system prompt.")
 @click.option("--max-new-tokens", default=512, show_default=True, help="Most tokens in one answer.")
 @click.option("--trust-remote-code", is_flag=True)

@@ -25,6 +25,8 @@ TARGETS = ("openxlab", "hf-space")
 # What app.py imports, plus what transformers needs to read the usual tokenizer and weight files.
 REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "huggingface_hub", "accelerate",
                 "sentencepiece", "protobuf", "streamlit")
+# The bundle's copy of selfcog/streaming.py, imported by app.py.
+STREAMING = "selfcog_streaming.py"
 # Files of a model directory that the app does not need.
 SKIP_FILES = {"selfcog-complete.json"}
 
@@ -51,6 +53,8 @@ def deploy(spec: str, out: Path, target: str, repo_id: str | None = None, title:
         elif source is not None:
             bundle_model(Path(source), tmp / "model")
         (tmp / "app.py").write_text(app_source(repo_id or "model", title), encoding="utf-8")
+        # The streaming decoder selfcog chats with, unchanged: the app answers exactly as `selfcog chat` does.
+        (tmp / STREAMING).write_text(streaming_source(), encoding="utf-8")
         (tmp / "requirements.txt").write_text(requirements(), encoding="utf-8")
         (tmp / "README.md").write_text(readme(target, title, repo_id), encoding="utf-8")
         share(tmp)
@@ -89,6 +93,10 @@ def default_title(source: str | None) -> str:
         except SelfcogError:
             pass
     return "selfcog chat"
+
+
+def streaming_source() -> str:
+    return resources.files("selfcog").joinpath("streaming.py").read_text(encoding="utf-8")
 
 
 def app_source(model_source: str, title: str) -> str:

@@ -24,7 +24,8 @@ def bundle(tiny_model_dir, tmp_path_factory):
 
 
 def test_hf_space_bundle(bundle):
-    assert {p.name for p in bundle.iterdir()} == {"app.py", "requirements.txt", "README.md", "model"}
+    assert {p.name for p in bundle.iterdir()} == {"app.py", "selfcog_streaming.py", "requirements.txt", "README.md",
+                                                  "model"}
     assert (bundle / "model" / "config.json").is_file() and (bundle / "model" / "model.safetensors").is_file()
     assert (bundle / "model" / "tokenizer_config.json").is_file()
     readme = (bundle / "README.md").read_text()
@@ -108,6 +109,36 @@ def test_app_chats(bundle, monkeypatch):
     assert len(app.session_state.messages) == 2
     app.sidebar.button[0].click().run()
     assert app.session_state.messages == [] and len(app.chat_message) == 0
+
+
+def test_app_generates_with_selfcogs_own_decoder(bundle, tiny_model_dir, monkeypatch):
+    """One generation path: the bundle carries selfcog/streaming.py byte for byte, and a greedy answer in the app
+    equals `selfcog chat`'s."""
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    import selfcog.streaming
+    from selfcog.generate import SamplingArgs, stream_chat
+    from selfcog.models import load_model
+
+    assert (bundle / "selfcog_streaming.py").read_bytes() == Path(selfcog.streaming.__file__).read_bytes()
+    app_text = (bundle / "app.py").read_text()
+    assert "TextIteratorStreamer" not in app_text and "END_OF_TURN" not in app_text
+    monkeypatch.chdir(bundle)
+    monkeypatch.syspath_prepend(str(bundle))
+    app = AppTest.from_file(str(bundle / "app.py"), default_timeout=60).run()
+    app.sidebar.slider[0].set_value(48)
+    app.sidebar.slider[2].set_value(0.0)
+    app.chat_input[0].set_value("Who are you?").run()
+    assert not app.exception
+    question = [{"role": "user", "content": "Who are you?"}]
+    model, tokenizer = load_model(str(tiny_model_dir))
+    ids_length = len(tokenizer(tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=False),
+                               add_special_tokens=False)["input_ids"])
+    expected = "".join(stream_chat(model, tokenizer, question, SamplingArgs(max_new_tokens=48 - ids_length,
+                                                                             max_length=48, temperature=0))).strip()
+    assert app.session_state.messages[1]["content"] == expected
 
 
 def test_adapter_is_merged_into_the_bundle(tiny_model_dir, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import threading
 import time
@@ -248,3 +249,141 @@ def test_cli_reports_a_busy_port_in_one_line(tiny_model_dir):
         port = sock.getsockname()[1]
         result = CliRunner().invoke(main, ["serve", str(tiny_model_dir), "--port", str(port)])
     assert result.exit_code == 2 and "cannot listen" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def identities_server(tiny_model_dir, free_port):
+    """Two LoRA identities and the bare base behind one server (uvicorn in a thread)."""
+    import uvicorn
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from selfcog.chat import load_identities
+
+    paths = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        peft = get_peft_model(LlamaForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32),
+                              LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"],
+                                         init_lora_weights=False))
+        path = tiny_model_dir.parent / f"identity-adapter-{seed}"
+        peft.save_pretrained(path)
+        paths.append(str(path))
+    model, tokenizer, identities = load_identities(str(tiny_model_dir), [("alice", paths[0]), ("伍鲜", paths[1])],
+                                                   "tiny")
+    app = create_app(model, tokenizer, "tiny", identities=identities, max_body_bytes=4096)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60), \
+        (model, tokenizer, identities)
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_two_identities_through_one_server(identities_server):
+    client, (model, tokenizer, identities) = identities_server
+    assert [m.id for m in client.models.list()] == ["tiny", "alice", "伍鲜"]
+    greedy = dict(temperature=0, max_tokens=16, extra_body={"repetition_penalty": 3.0})
+    args = SamplingArgs(max_new_tokens=16, temperature=0, repetition_penalty=3.0)
+    answers = {}
+
+    def ask(name):
+        answers[name] = client.chat.completions.create(model=name, messages=ASK, **greedy).choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(name,)) for name in identities for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name, adapter in identities.items():
+        alone = "".join(stream_chat(model, tokenizer, ASK, args, adapter=adapter)).strip()
+        assert answers[name] == alone
+    assert len(set(answers.values())) == 3  # three identities, three answers
+    streamed = client.chat.completions.create(model="伍鲜", messages=ASK, stream=True, **greedy)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices).strip() == answers["伍鲜"]
+    with pytest.raises(openai.NotFoundError, match="alice"):
+        client.chat.completions.create(model="bob", messages=ASK)
+
+
+def test_request_body_over_the_limit_is_413(identities_server):
+    client = identities_server[0]
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model="alice", messages=[{"role": "user", "content": "x" * 5000}])
+    assert caught.value.status_code == 413
+    assert caught.value.body["code"] == "request_too_large"
+
+
+def test_prompt_longer_than_the_context_is_400_unless_trimming(identities_server):
+    """The tiny model has 512 positions: a 40-turn conversation does not fit."""
+    client = identities_server[0]
+    long = []
+    for i in range(40):
+        long += [{"role": "user", "content": f"question {i} word word"}, {"role": "assistant", "content": f"a{i}"}]
+    long.append({"role": "user", "content": "last"})
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny", messages=long[-81:], max_tokens=4)
+    assert caught.value.code == "context_length_exceeded" and caught.value.param == "messages"
+    reply = client.chat.completions.create(model="tiny", messages=long[-81:], max_tokens=4,
+                                           extra_body={"trim_history": True})
+    assert 0 < reply.usage.prompt_tokens < 512 and reply.usage.completion_tokens <= 4
+
+
+def test_non_loopback_host_needs_a_key_or_no_auth(tiny_model_dir, free_port):
+    from click.testing import CliRunner
+
+    from selfcog.cli import main
+
+    result = CliRunner().invoke(main, ["serve", str(tiny_model_dir), "--host", "0.0.0.0", "--port", str(free_port())])
+    assert result.exit_code == 2 and "--api-key" in result.stderr and "--no-auth" in result.stderr
+
+
+def wait_for_port(port: int, proc, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else proc.returncode
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    pytest.fail(f"nothing listens on {port} after {timeout}s")
+
+
+def port_is_free(port: int) -> bool:
+    """Nothing accepts connections there (closed connections in TIME_WAIT do not count)."""
+    with socket.socket() as sock:
+        if sock.connect_ex(("127.0.0.1", port)) == 0:
+            return False
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_serve_ends_on_signal_and_frees_the_port(tiny_model_dir, free_port, signum):
+    import os
+    import subprocess
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "selfcog", "serve", str(tiny_model_dir), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        wait_for_port(port, proc)
+        proc.send_signal(signum)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert port_is_free(port)

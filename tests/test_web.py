@@ -143,3 +143,77 @@ def test_cli_rejects_bad_inputs_in_one_line(tiny_model_dir, tmp_path):
     assert result.exit_code == 2 and result.stderr.startswith("selfcog: error:")
     result = CliRunner().invoke(main, ["web", str(tiny_model_dir), "--adapter", str(tmp_path)])
     assert result.exit_code == 2 and "not a LoRA adapter" in result.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_web_ends_streamlit_on_signal_and_frees_the_port(tiny_model_dir, tmp_path, free_port, signum):
+    """A supervisor that signals only the `selfcog web` process (not its group) still ends Streamlit."""
+    port = free_port()
+    log = tmp_path / "web.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "selfcog", "web", str(tiny_model_dir), "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/_stcore/health", proc, log)
+        proc.send_signal(signum)
+        assert proc.wait(timeout=30) == 128 + signum
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 15
+    while listening(port):
+        assert time.monotonic() < deadline, f"port {port} still served after selfcog web ended"
+        time.sleep(0.2)
+
+
+def listening(port: int) -> bool:
+    """Whether anything accepts connections on the loopback port (closed connections in TIME_WAIT do not count)."""
+    import socket
+
+    with socket.socket() as sock:
+        if sock.connect_ex(("127.0.0.1", port)) == 0:
+            return True
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def test_identity_switch_in_the_sidebar(tiny_model_dir, tmp_path, monkeypatch):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from streamlit.testing.v1 import AppTest
+    from transformers import LlamaForCausalLM
+
+    from selfcog.chat import load_identities, parse_adapters
+    from selfcog.generate import SamplingArgs, stream_chat
+
+    values = []
+    for seed, name in ((1, "alice"), (2, "伍鲜")):
+        torch.manual_seed(seed)
+        peft = get_peft_model(LlamaForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32),
+                              LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"],
+                                         init_lora_weights=False))
+        peft.save_pretrained(tmp_path / name)
+        values.append(f"{name}={tmp_path / name}")
+    monkeypatch.setattr(sys, "argv", [str(APP), "--model", str(tiny_model_dir), "--max-new-tokens", "8",
+                                      *sum((["--adapter", v] for v in values), [])])
+    app = AppTest.from_file(str(APP), default_timeout=60)
+    app.run()
+    assert not app.exception, app.exception
+    box = app.sidebar.selectbox[0]
+    assert box.label == "Identity" and list(box.options) == ["base", "alice", "伍鲜"]
+    box.set_value("alice").run()
+    app.sidebar.slider[2].set_value(0.0).run()
+    app.chat_input[0].set_value("Who are you?").run()
+    assert not app.exception, app.exception
+    answer = app.chat_message[1].markdown[0].value
+    model, tokenizer, identities = load_identities(str(tiny_model_dir), parse_adapters(values, "base"), "base")
+    expected = "".join(stream_chat(model, tokenizer, [{"role": "user", "content": "Who are you?"}],
+                                   SamplingArgs(max_new_tokens=8, temperature=0, max_length=2048, top_p=0.8),
+                                   adapter=identities["alice"])).strip()
+    assert answer == (expected or "_(no answer)_")

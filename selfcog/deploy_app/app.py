@@ -1,15 +1,17 @@
 """A Streamlit chat app for one model: history, streamed answers, sampling controls.
 
-Self-contained: it needs only torch, transformers and streamlit. Run it with
-`streamlit run app.py`. `selfcog deploy` wrote the two settings below.
+Self-contained: it needs only torch, transformers and streamlit, and selfcog_streaming.py next to it (selfcog's
+own streaming decoder, copied unchanged). Run it with `streamlit run app.py`. `selfcog deploy` wrote the two
+settings below.
 """
 
-import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import streamlit as st
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+from selfcog_streaming import stream_ids
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 TITLE = "selfcog chat"
 # A folder next to this file holding the model, or a Hugging Face repo id downloaded at start.
@@ -17,7 +19,6 @@ MODEL_SOURCE = "model"
 # On OpenXLab, a model kept in its model center can be fetched first instead:
 #     from openxlab.model import download
 #     download(model_repo="ORG/NAME", output="model")   # then MODEL_SOURCE = "model"
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
 def model_location() -> str:
@@ -36,31 +37,16 @@ def load_model():
     return model, tokenizer
 
 
-def stop_ids(tokenizer) -> list[int]:
-    """EOS plus the chat template's end-of-turn token: the answer ends at whichever comes first."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    vocab = tokenizer.get_vocab()
-    return ids + [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab and vocab[t] not in ids]
-
-
 def stream_answer(model, tokenizer, messages, max_length, top_p, temperature):
-    """Yield the answer's text piece by piece while `generate` runs in a thread."""
-    input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                              return_dict=True)["input_ids"].to(model.device)
-    room = max_length - input_ids.shape[1]
+    """Yield the answer's text piece by piece (whole characters), generated in this thread."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template holds BOS and the like as text
+    room = max_length - len(ids)
     if room < 1:
         yield "The conversation is longer than Max Length: raise it or clear the chat history."
         return
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sampling = {"do_sample": True, "top_p": max(top_p, 0.01), "temperature": temperature} if temperature > 0 \
-        else {"do_sample": False}
-    kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=room,
-                  eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                  streamer=streamer, **sampling)
-    thread = threading.Thread(target=model.generate, kwargs=kwargs, daemon=True)
-    thread.start()
-    yield from streamer
-    thread.join()
+    sampling = SimpleNamespace(temperature=temperature, top_p=max(top_p, 0.01), top_k=0, repetition_penalty=1.0)
+    yield from stream_ids(model, tokenizer, ids, sampling, room)
 
 
 def main():

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import streamlit as st
 
-from selfcog.chat import load_chat_model
+from selfcog.chat import load_chat_model, load_identities, parse_adapters
 from selfcog.generate import SamplingArgs, context_limit, stream_chat
 
 CURSOR = "▌"
@@ -24,11 +24,19 @@ class Pane:
     """Shown above the pane when there is more than one; empty shows none."""
     model: object
     tokenizer: object
+    adapter: str | None = None
+    """The PEFT adapter that answers, in a model holding several (`get_identities`)."""
 
 
 @st.cache_resource(show_spinner="Loading the model (once) ...")
 def get_model(spec: str, adapter: str | None, trust_remote_code: bool):
     return load_chat_model(spec, adapter, trust_remote_code)
+
+
+@st.cache_resource(show_spinner="Loading the model and its adapters (once) ...")
+def get_identities(spec: str, adapters: tuple[str, ...], trust_remote_code: bool):
+    """`(model, tokenizer, {identity: adapter})` for `--adapter NAME=DIR` values over one base model."""
+    return load_identities(spec, parse_adapters(adapters, "base"), "base", trust_remote_code)
 
 
 @st.cache_resource
@@ -86,7 +94,7 @@ def chat_panes(panes: list[Pane], sampling: SamplingArgs, system: str = "", stat
                 placeholder.markdown(CURSOR)
                 text = ""
                 with generation_lock(), closing(stream_chat(pane.model, pane.tokenizer, start + history,
-                                                            sampling)) as pieces:
+                                                            sampling, adapter=pane.adapter)) as pieces:
                     for piece in pieces:  # a rerun or a closed tab raises here, which stops generation
                         text += piece
                         placeholder.markdown(text.lstrip() + CURSOR)
