@@ -185,6 +185,19 @@ def markdown(config: dict, table: dict, endurance: dict | None) -> str:
                          f"{f(s['ttft_p50_s'])} / {f(s['ttft_p90_s'])} | {f(s['total_p50_s'])} / "
                          f"{f(s['total_p90_s'])} | {s['failed']}/{s['requests']} | "
                          f"{f(config['peak_rss_mb'].get(name))} |")
+    ratios = []
+    top, low = table.get(str(max(map(int, table)))), table.get(str(min(map(int, table))))
+    if top and "selfcog" in top:
+        for peer in ("selfcog-one", "transformers", "llama.cpp"):
+            if peer in top and top[peer]["tokens_per_s"]:
+                ratios.append(f"{top['selfcog']['tokens_per_s'] / top[peer]['tokens_per_s']:.2f}x {LABELS[peer]}")
+    if ratios:
+        lines += ["", f"At {max(map(int, table))} clients the batched server's completion tok/s is " +
+                  ", ".join(ratios) + "."]
+    if low and "selfcog" in low and "selfcog-one" in low and low["selfcog-one"]["total_p50_s"]:
+        lines.append(f"At {min(map(int, table))} client its latency p50 is "
+                     f"{low['selfcog']['total_p50_s'] / low['selfcog-one']['total_p50_s']:.2f}x the one-at-a-time "
+                     "path's.")
     if endurance:
         lines += ["", f"Endurance: {endurance['requests']} requests from {endurance['clients']} clients to the batched "
                   f"selfcog server: {endurance['failed']} failed, {endurance['tokens_per_s']:.1f} completion tok/s, "
@@ -213,6 +226,31 @@ def plot(table: dict, path: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def write(args, per_round: dict, endurance: dict | None, load_before: float, load_after: float, rss: dict,
+          commands: dict) -> dict:
+    """bench/results/serve.{json,md,png}; returns the table."""
+    import torch
+    import transformers
+
+    table = {load: {name: merge_rounds(rounds) for name, rounds in servers.items()} for load, servers in
+             per_round.items()}
+    config = {"date": time.strftime("%Y-%m-%d %H:%M %z"), "model": "tiny random model" if args.tiny else
+              (args.model or "the embedded SmolLM2-135M-Instruct"), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+              "cpu_features": cpu_features(), "threads": args.threads, "dtype": args.dtype,
+              "max_tokens": args.max_tokens, "rounds": args.rounds, "requests_per_client": args.requests_per_client,
+              "loads": args.loads, "load_before": load_before, "load_after": load_after,
+              "python": platform.python_version(), "torch": torch.__version__,
+              "transformers": transformers.__version__, "peak_rss_mb": {k: v and round(v) for k, v in rss.items()},
+              "commands": {k: " ".join(v) for k, v in commands.items()}, "machine_shared": True}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"config": config, "table": table, "rounds": per_round,
+                                                    "endurance": endurance}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(config, table, endurance))
+    plot(table, out.with_suffix(".png"))
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"round {round_index + 1}, {clients} clients, {name}: {summary['tokens_per_s']} tok/s, "
                               f"TTFT p50 {summary['ttft_p50_s']} s, failed {summary['failed']}", file=sys.stderr,
                               flush=True)
+            load_after = round(os.getloadavg()[0], 2)
+            rss = {name: peak_rss_mb(proc.pid) for name, proc in procs.items()}
+            write(args, per_round, None, load_before, load_after, rss, commands)  # kept if the endurance run is cut
             endurance = None
             if args.endurance and "selfcog" in commands:
                 clients = max(args.loads)
@@ -278,32 +319,12 @@ def main(argv: list[str] | None = None) -> int:
                                                      args.max_tokens))
                 endurance = {"clients": clients, **summarize(results, wall, tokenizer)}
                 print(f"endurance: {endurance}", file=sys.stderr, flush=True)
-            load_after = round(os.getloadavg()[0], 2)
-            rss = {name: peak_rss_mb(proc.pid) for name, proc in procs.items()}
+                rss = {name: peak_rss_mb(proc.pid) for name, proc in procs.items()}
         finally:
             for proc in procs.values():
                 stop(proc)
-
-    import torch
-    import transformers
-
-    table = {load: {name: merge_rounds(rounds) for name, rounds in servers.items()} for load, servers in
-             per_round.items()}
-    config = {"date": time.strftime("%Y-%m-%d %H:%M %z"), "model": "tiny random model" if args.tiny else
-              (args.model or "the embedded SmolLM2-135M-Instruct"), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
-              "cpu_features": cpu_features(), "threads": args.threads, "dtype": args.dtype,
-              "max_tokens": args.max_tokens, "rounds": args.rounds, "requests_per_client": args.requests_per_client,
-              "loads": args.loads, "load_before": load_before, "load_after": load_after,
-              "python": platform.python_version(), "torch": torch.__version__,
-              "transformers": transformers.__version__, "peak_rss_mb": {k: v and round(v) for k, v in rss.items()},
-              "commands": {k: " ".join(v) for k, v in commands.items()}, "machine_shared": True}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"config": config, "table": table, "rounds": per_round,
-                                                    "endurance": endurance}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(config, table, endurance))
-    plot(table, out.with_suffix(".png"))
-    print(out.with_suffix(".md").read_text())
+    table = write(args, per_round, endurance, load_before, load_after, rss, commands)
+    print(Path(args.out).with_suffix(".md").read_text())
     failed = sum(s["failed"] for servers in table.values() for s in servers.values())
     return 1 if failed or (endurance and endurance["failed"]) else 0
 

@@ -33,6 +33,9 @@ BASE_ADAPTER = "__base__"
 DONE = object()
 """Pushed to a request after its last text piece."""
 
+PREFILL_TOKENS = 2048
+"""Most (padded) prompt tokens in one prefill forward."""
+
 
 @dataclass
 class Request:
@@ -110,7 +113,8 @@ class BatchEngine:
         self.rows: list[Row] = []
         self.cache = None
         self.mask: torch.Tensor | None = None
-        self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "skipped": 0, "steps": 0, "largest_batch": 0}
+        self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "skipped": 0, "steps": 0, "largest_batch": 0,
+                      "largest_prefill": 0}
 
     # ------------------------------------------------------------------------------------------ interface
 
@@ -179,8 +183,9 @@ class BatchEngine:
                 self.fail_all(exc)
 
     def admit(self, requests: list[Request]) -> None:
-        """Prefill each joining request alone, sample its first token, and append its cache to the batch's."""
-        caches = []
+        """Prefill the joining requests (together, left-padded, up to `PREFILL_TOKENS` prompt tokens a forward),
+        sample each one's first token, and append their caches to the batch's."""
+        rows = []
         for request in requests:
             if request.stop.is_set():  # its client left while it waited
                 self.stats["skipped"] += 1
@@ -189,18 +194,36 @@ class BatchEngine:
                 continue
             reply = Reply(self.tokenizer, len(request.ids), request.max_new_tokens, self.stop_ids, request.info)
             processors = logits_processors(request.args, self.stop_ids, len(request.ids), self.min_new)
-            row = Row(request, reply, processors, self.model.device)
-            try:
-                out = self.model(input_ids=row.sequence, use_cache=True, **{self.keyword: None},
-                                 **self.extra([row]))
-                self.emit(row, row.sample(out.logits[:, -1, :]))
-            except Exception as exc:  # noqa: BLE001 - this request alone failed
+            rows.append(Row(request, reply, processors, self.model.device))
+        rows.sort(key=lambda row: row.length)  # similar lengths together: little padding
+        group: list[Row] = []
+        for row in rows + [None]:
+            if group and (row is None or (len(group) + 1) * max(group[-1].length, row.length) > PREFILL_TOKENS):
+                self.prefill(group)
+                group = []
+            if row is not None:
+                group.append(row)
+
+    def prefill(self, rows: list[Row]) -> None:
+        width = max(row.length for row in rows)
+        device = self.model.device
+        self.stats["largest_prefill"] = max(self.stats["largest_prefill"], len(rows))
+        ids = torch.cat([pad_left(row.sequence, width, 1) for row in rows])
+        mask = torch.cat([pad_left(torch.ones_like(row.sequence), width, 1) for row in rows])
+        inputs = {"input_ids": ids}
+        if not bool(mask.all()):  # a request alone (or equal lengths) runs exactly as the single stream does
+            inputs.update(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device))
+        try:
+            out = self.model(**inputs, use_cache=True, **{self.keyword: None}, **self.extra(rows))
+            logits = out.logits[:, -1, :]
+            for i, row in enumerate(rows):
+                self.emit(row, row.sample(logits[i:i + 1]))
+        except Exception as exc:  # noqa: BLE001 - these requests alone failed
+            for row in rows:
                 self.stats["failed"] += 1
-                request.push(exc)
-                continue
-            caches.append((row, returned_cache(out)))
-        if caches:
-            self.join([row for row, _ in caches], [cache for _, cache in caches])
+                row.request.push(exc)
+            return
+        self.join(rows, returned_cache(out), mask)
 
     def extra(self, rows: list[Row]) -> dict:
         kwargs = {"logits_to_keep": 1} if self.logits_to_keep else {}
@@ -211,12 +234,13 @@ class BatchEngine:
     def step(self) -> None:
         """One forward pass over every row's newest token."""
         rows = self.rows
-        inputs = torch.cat([row.sequence[:, -1:] for row in rows])
-        # A row's newest token is not in the cache yet: its position is the number of tokens before it.
-        positions = torch.tensor([[row.length - 1] for row in rows], device=inputs.device)
+        inputs = {"input_ids": torch.cat([row.sequence[:, -1:] for row in rows])}
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(rows), 1))], dim=1)
-        out = self.model(input_ids=inputs, attention_mask=self.mask, position_ids=positions, use_cache=True,
-                         **{self.keyword: self.cache}, **self.extra(rows))
+        if not bool(self.mask.all()):  # without padding (a request alone) it runs as the single stream does
+            # A row's newest token is not in the cache yet: its position is the number of tokens before it.
+            inputs.update(attention_mask=self.mask, position_ids=torch.tensor([[row.length - 1] for row in rows],
+                                                                              device=self.mask.device))
+        out = self.model(**inputs, use_cache=True, **{self.keyword: self.cache}, **self.extra(rows))
         self.cache = returned_cache(out)
         logits = out.logits[:, -1, :]
         for i, row in enumerate(rows):
@@ -231,22 +255,20 @@ class BatchEngine:
 
     # ------------------------------------------------------------------------------------------ the cache
 
-    def join(self, rows: list[Row], caches: list) -> None:
-        """Append the new rows' caches (batch 1 each, no padding) to the batch's, left-padded to one width."""
+    def join(self, rows: list[Row], cache, mask: torch.Tensor) -> None:
+        """Append the new rows' cache and mask to the batch's, both left-padded to one width."""
         from transformers import DynamicCache
 
-        lengths = [row.length - 1 for row in rows]  # the sampled token is not in its cache yet
-        parts = ([self.cache] if self.cache is not None else []) + caches
-        width = max([self.mask.shape[1] if self.mask is not None else 0] + lengths)
-        masks = ([pad_left(self.mask, width, 1)] if self.mask is not None else []) + \
-            [pad_left(torch.ones((1, n), dtype=torch.long, device=self.model.device), width, 1) for n in lengths]
+        if self.cache is None:
+            self.cache, self.mask, self.rows = cache, mask, self.rows + rows
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
         layers = []
-        for per_layer in zip(*parts):
-            keys = torch.cat([pad_left(layer[0], width, 2) for layer in per_layer])
-            values = torch.cat([pad_left(layer[1], width, 2) for layer in per_layer])
-            layers.append((keys, values))
+        for old, new in zip(self.cache, cache):
+            layers.append((torch.cat([pad_left(old[0], width, 2), pad_left(new[0], width, 2)]),
+                           torch.cat([pad_left(old[1], width, 2), pad_left(new[1], width, 2)])))
         self.cache = DynamicCache(ddp_cache_data=layers)
-        self.mask = torch.cat(masks)
+        self.mask = torch.cat([pad_left(self.mask, width, 1), pad_left(mask, width, 1)])
         self.rows = self.rows + rows
 
     def drop_finished(self) -> None:

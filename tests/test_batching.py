@@ -82,6 +82,33 @@ def test_greedy_batch_equals_each_request_alone(spiky):
         engine.close()
 
 
+def test_requests_arriving_together_are_prefilled_together_with_the_same_answers(spiky):
+    import queue
+
+    from selfcog.batching import DONE, Request
+
+    model, tokenizer = spiky
+    args = SamplingArgs(max_new_tokens=20, temperature=0)
+    expected = [alone(model, tokenizer, q, args)[0] for q in QUESTIONS]
+    engine = BatchEngine(model, tokenizer, max_batch=8)
+    outs = [queue.Queue() for _ in QUESTIONS]
+    try:
+        with engine.condition:  # the engine thread waits until every request is queued
+            for q, out in zip(QUESTIONS, outs):
+                ids, max_new = plan_prompt(model, tokenizer, ask(q), args)
+                engine.submit(Request(ids, args, max_new, out.put))
+        answers = []
+        for out in outs:
+            pieces = []
+            while (item := out.get(timeout=60)) is not DONE:
+                pieces.append(item)
+            answers.append("".join(pieces))
+        assert answers == expected
+        assert engine.stats["largest_prefill"] == len(QUESTIONS)
+    finally:
+        engine.close()
+
+
 def test_sampled_batch_equals_each_request_alone_with_its_seed(spiky):
     model, tokenizer = spiky
     settings = [SamplingArgs(max_new_tokens=24, temperature=0.8, top_p=0.9, top_k=20),
