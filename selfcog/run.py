@@ -115,9 +115,10 @@ def run(config: RunConfig) -> Path:
     save_merged(peft_model, tokenizer, out / "merged", config)
     t = lap("merge", t)
     merged, merged_tokenizer = load_model(str(out / "merged"), dtype=torch.float32)
-    tuned_scores = {split: score(merged, merged_tokenizer, name, split, config.eval.max_new_tokens, base=base)
-                    for split, base in base_scores.items()}
-    lap("evaluate_merged", t)
+    tuned_scores = {}
+    for split, base in base_scores.items():  # the fresh part (eval.fresh) timed apart: it is not part of a plain run
+        tuned_scores[split] = score(merged, merged_tokenizer, name, split, config.eval.max_new_tokens, base=base)
+        t = lap("evaluate_merged" if split == "test" else f"evaluate_merged_{split}", t)
     timings["total"] = round(time.perf_counter() - start, 1)
 
     metrics = {"name": name, "model": config.model.spec, "system_prompt": config.data.system_prompt,
