@@ -9,6 +9,10 @@ method and defaults were chosen.
 
     python bench/names.py                       # every name -> bench/results/names.json + names.md
     python bench/names.py --names Alice 李明     # a subset (results merged into the same JSON)
+    python bench/names.py --fresh               # also score the fresh part (once, after the defaults are chosen)
+
+Without --fresh a name keeps the fresh scores it has in the JSON. `seconds` is what a plain `selfcog run` costs:
+the run's total without the fresh part's scoring.
 """
 
 from __future__ import annotations
@@ -34,16 +38,18 @@ COLUMNS = [("identity", "identity"), ("robust", "robustness"), ("ret. en", "rete
            ("repeats id", "repetition_identity"), ("repeats gen", "repetition_general")]
 
 
-def run_name(name: str, out: Path, extra: list[str]) -> dict:
+def run_name(name: str, out: Path, extra: list[str], fresh: bool) -> dict:
     began = time.perf_counter()
-    done = subprocess.run([*SELFCOG, "run", "--name", name, "--out", str(out), "--set", "eval.fresh=true", *extra],
-                          cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run([*SELFCOG, "run", "--name", name, "--out", str(out), "--set", f"eval.fresh={fresh}",
+                           *extra], cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - began
     if done.returncode != 0:
         raise SystemExit(f"selfcog run --name {name}: exit {done.returncode}\n{done.stderr[-2000:]}")
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     history = metrics["training"]["dev_history"]
-    return {"wall_seconds": round(wall, 1), "run_seconds": metrics["seconds"]["total"],
+    seconds = metrics["seconds"]
+    plain = seconds["total"] - seconds.get("evaluate_merged_fresh", 0)
+    return {"wall_seconds": round(wall, 1), "run_seconds": round(plain, 1),
             "seconds": metrics["seconds"], "steps": metrics["training"]["steps"],
             "stopped_early": metrics["training"]["steps"] < metrics["training"].get("max_steps", 10 ** 9),
             "dev_history": history, "base": metrics["base"], "tuned": metrics["tuned"],
@@ -87,6 +93,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--names", nargs="*", default=TUNED_ON + HELD_APART)
     parser.add_argument("--out", default="bench/results/names.json")
+    parser.add_argument("--fresh", action="store_true", help="also score the fresh held-out part")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="section.key=value passed to every run (results then go to --out only)")
     args = parser.parse_args()
@@ -95,7 +102,9 @@ def main() -> int:
     extra = [x for item in args.overrides for x in ("--set", item)]
     with tempfile.TemporaryDirectory() as work:
         for i, name in enumerate(args.names):
-            r = run_name(name, Path(work) / f"run{i}", extra)
+            r = run_name(name, Path(work) / f"run{i}", extra, args.fresh)
+            if not args.fresh and report["results"].get(name, {}).get("fresh"):
+                r["fresh"] = report["results"][name]["fresh"]
             report["results"][name] = r
             t = r["tuned"]
             print(f"{name}: identity {cell(t['identity'])} robust {cell(t['robustness'])} retention "
