@@ -6,6 +6,7 @@ Every stage writes into a temp path and renames, so an interrupted run never lea
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import tempfile
@@ -113,6 +114,8 @@ def run(config: RunConfig) -> Path:
     t = lap("train", t)
 
     save_merged(peft_model, tokenizer, out / "merged", config)
+    del model, peft_model  # the merged weights in memory go before the merged model is read back: one copy at a time
+    gc.collect()
     t = lap("merge", t)
     merged, merged_tokenizer = load_model(str(out / "merged"), dtype=torch.float32)
     tuned_scores = {}
