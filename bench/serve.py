@@ -21,7 +21,6 @@ import importlib.util
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from load_serve import PROMPTS, free_port, percentile, tiny_model, wait_healthy  # noqa: E402
+from load_serve import PROMPTS, free_port, percentile, stop_server, tiny_model, wait_healthy  # noqa: E402
 from machine import cpu_features, cpu_name  # noqa: E402
 
 LABELS = {"selfcog": "selfcog serve (batched)", "selfcog-one": "selfcog serve --no-batching",
@@ -63,16 +62,6 @@ def start(name: str, cmd: list[str], threads: int, log_dir: Path) -> tuple[subpr
     log = open(log_dir / f"{name}.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
     return proc, f"http://127.0.0.1:{port}"
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def peak_rss_mb(pid: int) -> float | None:
@@ -184,7 +173,7 @@ def markdown(config: dict, table: dict, endurance: dict | None) -> str:
             lines.append(f"| {load} | {LABELS[name]} | {s['requests_per_s']:.2f} | {s['tokens_per_s']:.1f} | "
                          f"{f(s['ttft_p50_s'])} / {f(s['ttft_p90_s'])} | {f(s['total_p50_s'])} / "
                          f"{f(s['total_p90_s'])} | {s['failed']}/{s['requests']} | "
-                         f"{f(config['peak_rss_mb'].get(name))} |")
+                         f"{config['peak_rss_mb'].get(name) or '–'} |")
     ratios = []
     top, low = table.get(str(max(map(int, table)))), table.get(str(min(map(int, table))))
     if top and "selfcog" in top:
@@ -322,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                 rss = {name: peak_rss_mb(proc.pid) for name, proc in procs.items()}
         finally:
             for proc in procs.values():
-                stop(proc)
+                stop_server(proc)
     table = write(args, per_round, endurance, load_before, load_after, rss, commands)
     print(Path(args.out).with_suffix(".md").read_text())
     failed = sum(s["failed"] for servers in table.values() for s in servers.values())

@@ -81,6 +81,22 @@ def batchable(model) -> bool:
     return kinds == {"full_attention"} and not getattr(config, "sliding_window", None)
 
 
+def shared_prefix(tokenizer) -> list[int] | None:
+    """The prompt tokens every conversation without its own system prompt starts with: the template's default
+    system prompt and the user turn's header (None when that is under 8 tokens or the template fails)."""
+    from selfcog.templates import encode_prompt
+
+    try:
+        one, two = (encode_prompt(tokenizer, [{"role": "user", "content": text}]) for text in ("Hi.", "不"))
+    except Exception:  # noqa: BLE001 - no usable template: no shared prefix
+        return None
+    common = 0
+    while common < min(len(one), len(two)) and one[common] == two[common]:
+        common += 1
+    # One token less: the header's last token may merge with the message's first in other conversations.
+    return one[:common - 1] if common > 8 else None
+
+
 def pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     missing = width - tensor.shape[dim]
     if missing <= 0:
@@ -106,6 +122,8 @@ class BatchEngine:
         self.min_new = getattr(getattr(model, "generation_config", None), "min_new_tokens", None) or 0
         self.keyword = cache_keyword(model)
         self.logits_to_keep = accepts(model, "logits_to_keep")
+        self.prefix = shared_prefix(tokenizer)
+        self.prefixes: dict[str | None, list] = {}
         self.pending: deque[Request] = deque()
         self.condition = threading.Condition()
         self.thread: threading.Thread | None = None
@@ -114,7 +132,7 @@ class BatchEngine:
         self.cache = None
         self.mask: torch.Tensor | None = None
         self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "skipped": 0, "steps": 0, "largest_batch": 0,
-                      "largest_prefill": 0}
+                      "largest_prefill": 0, "prefix_reused": 0}
 
     # ------------------------------------------------------------------------------------------ interface
 
@@ -205,16 +223,27 @@ class BatchEngine:
                 group.append(row)
 
     def prefill(self, rows: list[Row]) -> None:
-        width = max(row.length for row in rows)
+        """One forward over the rows' prompts. Rows whose prompt starts with the chat template's shared prefix
+        (its default system prompt and the user turn's header) start from that prefix's cached keys and values."""
+        shared = self.prefix is not None and all(
+            row.length > len(self.prefix) and row.request.ids[:len(self.prefix)] == self.prefix for row in rows)
+        skip = len(self.prefix) if shared else 0
+        width = max(row.length for row in rows) - skip
         device = self.model.device
         self.stats["largest_prefill"] = max(self.stats["largest_prefill"], len(rows))
-        ids = torch.cat([pad_left(row.sequence, width, 1) for row in rows])
-        mask = torch.cat([pad_left(torch.ones_like(row.sequence), width, 1) for row in rows])
+        ids = torch.cat([pad_left(row.sequence[:, skip:], width, 1) for row in rows])
+        mask = torch.cat([pad_left(torch.ones_like(row.sequence[:, skip:]), width, 1) for row in rows])
         inputs = {"input_ids": ids}
-        if not bool(mask.all()):  # a request alone (or equal lengths) runs exactly as the single stream does
-            inputs.update(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device))
         try:
-            out = self.model(**inputs, use_cache=True, **{self.keyword: None}, **self.extra(rows))
+            cache = None
+            if shared:
+                self.stats["prefix_reused"] += len(rows)
+                cache = self.prefix_cache(rows)
+                mask = torch.cat([mask.new_ones((len(rows), skip)), mask], dim=1)
+            if not bool(mask.all()):  # a request alone (or equal lengths) runs exactly as the single stream does
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, skip:]
+                inputs.update(attention_mask=mask, position_ids=positions.to(device))
+            out = self.model(**inputs, use_cache=True, **{self.keyword: cache}, **self.extra(rows))
             logits = out.logits[:, -1, :]
             for i, row in enumerate(rows):
                 self.emit(row, row.sample(logits[i:i + 1]))
@@ -224,6 +253,19 @@ class BatchEngine:
                 row.request.push(exc)
             return
         self.join(rows, returned_cache(out), mask)
+
+    def prefix_cache(self, rows: list[Row]):
+        """A cache holding the shared prefix once per row, for each row's adapter (computed once per adapter)."""
+        from transformers import DynamicCache
+
+        for adapter in {row.request.adapter for row in rows} - set(self.prefixes):
+            probe = Row(Request(self.prefix, None, 1, print, adapter=adapter), None, None, self.model.device)
+            out = self.model(input_ids=probe.sequence, use_cache=True, **{self.keyword: None}, **self.extra([probe]))
+            self.prefixes[adapter] = [(layer[0], layer[1]) for layer in returned_cache(out)]
+        per_row = [self.prefixes[row.request.adapter] for row in rows]
+        return DynamicCache(ddp_cache_data=[(torch.cat([kv[i][0] for kv in per_row]),
+                                             torch.cat([kv[i][1] for kv in per_row]))
+                                            for i in range(len(per_row[0]))])
 
     def extra(self, rows: list[Row]) -> dict:
         kwargs = {"logits_to_keep": 1} if self.logits_to_keep else {}

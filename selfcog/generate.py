@@ -14,8 +14,7 @@ from typing import Iterator
 import torch
 
 from selfcog.errors import SelfcogError
-from selfcog.streaming import (Detokenizer, accepts, cache_keyword, decode_tokens,  # noqa: F401 (re-exported)
-                               logits_processors, stream_ids)
+from selfcog.streaming import stream_ids
 from selfcog.templates import encode_prompt, stop_token_ids
 
 

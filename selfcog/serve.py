@@ -532,6 +532,22 @@ def check_port(host: str, port: int) -> None:
             raise SelfcogError(f"{host}:{port}: cannot listen ({exc.strerror or exc})") from None
 
 
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts connections on `host:port` (closed connections in TIME_WAIT do not count)."""
+    import socket
+
+    with socket.socket() as sock:
+        if sock.connect_ex((host, port)) == 0:
+            return True
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def serving_dtype(setting: str = "auto"):
     """`auto`: bf16 on a GPU that has it and on a CPU with native bf16 (AVX512-BF16 or AMX), else fp32."""
     import torch

@@ -105,6 +105,7 @@ def test_requests_arriving_together_are_prefilled_together_with_the_same_answers
             answers.append("".join(pieces))
         assert answers == expected
         assert engine.stats["largest_prefill"] == len(QUESTIONS)
+        assert engine.stats["prefix_reused"] == len(QUESTIONS)  # the template's system prompt, computed once
     finally:
         engine.close()
 

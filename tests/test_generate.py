@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from selfcog.errors import SelfcogError
-from selfcog.generate import (SamplingArgs, cache_keyword, generate_batch, generation_kwargs, plan_prompt,
-                              stream_chat)
+from selfcog.generate import SamplingArgs, generate_batch, generation_kwargs, plan_prompt, stream_chat
 from selfcog.models import load_model
+from selfcog.streaming import cache_keyword
 from selfcog.templates import stop_token_ids
 
 QUESTION = [{"role": "user", "content": "你是谁？Who are you?"}]

@@ -7,6 +7,7 @@ import signal
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import openai
@@ -15,7 +16,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from selfcog.generate import SamplingArgs, stream_chat
-from selfcog.serve import StopStrings, create_app
+from selfcog.serve import StopStrings, create_app, listening
 
 KEY = "sk-test-key"
 ASK = [{"role": "user", "content": "你是谁？Who are you?"}]
@@ -34,10 +35,16 @@ def expected(tiny):
 @pytest.fixture(scope="module")
 def server(tiny, free_port):
     """create_app on a free loopback port, uvicorn in a thread."""
+    app = create_app(*tiny, "tiny", api_key=KEY)
+    with serving(app, free_port()) as url:
+        yield app, url
+
+
+@contextmanager
+def serving(app, port: int):
+    """uvicorn serving `app` on the loopback `port` in a thread; yields the base URL."""
     import uvicorn
 
-    app = create_app(*tiny, "tiny", api_key=KEY)
-    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -45,9 +52,11 @@ def server(tiny, free_port):
     while not server.started:
         assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.05)
-    yield app, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +263,6 @@ def test_cli_reports_a_busy_port_in_one_line(tiny_model_dir):
 @pytest.fixture(scope="module")
 def identities_server(tiny_model_dir, free_port):
     """Two LoRA identities and the bare base behind one server (uvicorn in a thread)."""
-    import uvicorn
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
@@ -272,18 +280,9 @@ def identities_server(tiny_model_dir, free_port):
     model, tokenizer, identities = load_identities(str(tiny_model_dir), [("alice", paths[0]), ("伍鲜", paths[1])],
                                                    "tiny")
     app = create_app(model, tokenizer, "tiny", identities=identities, max_body_bytes=4096)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60), \
-        (model, tokenizer, identities)
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(app, free_port()) as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60), \
+            (model, tokenizer, identities)
 
 
 def test_two_identities_through_one_server(identities_server):
@@ -354,20 +353,6 @@ def wait_for_port(port: int, proc, timeout: float = 120) -> None:
     pytest.fail(f"nothing listens on {port} after {timeout}s")
 
 
-def port_is_free(port: int) -> bool:
-    """Nothing accepts connections there (closed connections in TIME_WAIT do not count)."""
-    with socket.socket() as sock:
-        if sock.connect_ex(("127.0.0.1", port)) == 0:
-            return False
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_serve_ends_on_signal_and_frees_the_port(tiny_model_dir, free_port, signum):
     import os
@@ -386,4 +371,4 @@ def test_serve_ends_on_signal_and_frees_the_port(tiny_model_dir, free_port, sign
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert port_is_free(port)
+    assert not listening(port)

@@ -148,6 +148,8 @@ def test_cli_rejects_bad_inputs_in_one_line(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_web_ends_streamlit_on_signal_and_frees_the_port(tiny_model_dir, tmp_path, free_port, signum):
     """A supervisor that signals only the `selfcog web` process (not its group) still ends Streamlit."""
+    from selfcog.serve import listening
+
     port = free_port()
     log = tmp_path / "web.log"
     with open(log, "w") as out:
@@ -165,22 +167,6 @@ def test_web_ends_streamlit_on_signal_and_frees_the_port(tiny_model_dir, tmp_pat
     while listening(port):
         assert time.monotonic() < deadline, f"port {port} still served after selfcog web ended"
         time.sleep(0.2)
-
-
-def listening(port: int) -> bool:
-    """Whether anything accepts connections on the loopback port (closed connections in TIME_WAIT do not count)."""
-    import socket
-
-    with socket.socket() as sock:
-        if sock.connect_ex(("127.0.0.1", port)) == 0:
-            return True
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
 
 
 def test_identity_switch_in_the_sidebar(tiny_model_dir, tmp_path, monkeypatch):
