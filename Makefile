@@ -19,9 +19,10 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(VENV)/bin/selfcog run --name "$(NAME)" --out "$(OUT)"
 
-# Debian's chromium for the browser test (no browser download is possible here); best effort outside root.
+# Debian's chromium for the browser tests (no browser download is possible here) and a CJK font (the studio test
+# checks that Chinese is drawn); best effort outside root.
 browser:
-	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get update -q && apt-get install -y -q chromium) >/dev/null 2>&1 || echo "chromium not installed: the browser test will be skipped"; }
+	@{ command -v chromium >/dev/null 2>&1 && [ -n "$$(fc-list :lang=zh 2>/dev/null)" ]; } || { [ "$$(id -u)" = 0 ] && (apt-get update -q && apt-get install -y -q chromium fonts-noto-cjk) >/dev/null 2>&1 || echo "chromium or fonts-noto-cjk not installed: the browser tests are skipped or fail their Chinese check"; }
 
 test: setup browser
 	$(PY) -m pytest -q

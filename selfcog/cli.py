@@ -195,6 +195,18 @@ def web(model_spec, compare_spec, port, host, adapter, system, max_new_tokens, t
 
 
 @main.command()
+@click.option("--port", default=8501, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Listen address (loopback by default).")
+@click.option("--home", default=None, help="Where run directories are kept [default: $SELFCOG_STUDIO_HOME, "
+              "else $SELFCOG_HOME/studio].")
+def studio(port, host, home):
+    """The whole job in one local web page: set up, train in the background, compare, chat, download."""
+    from selfcog.studio import launch
+
+    sys.exit(launch(home, port, host))
+
+
+@main.command()
 @click.argument("model_spec", default=DEFAULT_MODEL)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Listen address (loopback by default).")
 @click.option("--port", default=8000, show_default=True)
