@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 NAME ?= Alice
 OUT ?= out
 
-.PHONY: setup run test test-fast browser
+.PHONY: setup run test test-fast browser gguf
 
 setup: $(VENV)/.installed
 
@@ -15,6 +15,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
+
+# llama.cpp's Python bindings (selfcog[gguf]), compiled from source: export-gguf's k-quants and its llama.cpp check;
+# `make test` then runs the llama.cpp tests too (they are skipped without it).
+gguf: setup
+	$(PY) -m pip install -q -e '.[test,gguf]'
 
 run: setup
 	$(VENV)/bin/selfcog run --name "$(NAME)" --out "$(OUT)"

@@ -239,19 +239,35 @@ def serve(model_spec, host, port, api_key, adapters, model_name, no_batching, ma
 @main.command("export-gguf")
 @click.argument("model_spec")
 @click.argument("out")
-@click.option("--type", "qtype", default="f16", show_default=True, help="f16 or q8_0.")
-@click.option("--no-verify", is_flag=True, help="Skip loading the file back with transformers to compare.")
+@click.option("--type", "qtype", default="f16", show_default=True,
+              help="f16, q8_0, q4_k_m or q5_k_m (the k-quants need llama-cpp-python: pip install 'selfcog[gguf]').")
+@click.option("--verify/--no-verify", default=None,
+              help="Check the file with transformers and in llama.cpp (default: llama.cpp when installed); "
+                   "--no-verify checks nothing.")
+@click.option("--name", default=None, help="The identity llama.cpp's answers must name (default: data.name of the "
+                                           "model's selfcog.yaml).")
+@click.option("--force", is_flag=True, help="Keep a file that fails the identity check in llama.cpp.")
 @click.option("--trust-remote-code", is_flag=True)
-def export_gguf(model_spec, out, qtype, no_verify, trust_remote_code):
-    """Write MODEL as one GGUF file OUT (llama.cpp, Ollama) plus an Ollama Modelfile beside it."""
+def export_gguf(model_spec, out, qtype, verify, name, force, trust_remote_code):
+    """Write MODEL as one GGUF file OUT (llama.cpp, Ollama) plus an Ollama Modelfile and OUT.report.json beside it."""
     from selfcog.gguf_export import export_gguf as export  # torch
 
-    report = export(model_spec, Path(out), qtype, verify=not no_verify, trust_remote_code=trust_remote_code)
+    report = export(model_spec, Path(out), qtype, verify=verify, trust_remote_code=trust_remote_code, name=name,
+                    force=force)
     if "max_abs_logit_diff" in report:
         click.echo(f"round trip: token ids identical on {report['texts']} texts; max |logit diff| "
                    f"{report['max_abs_logit_diff']:.4f} vs fp32 (largest logit {report['max_abs_logit']:.1f}), "
                    f"top-1 agreement {report['top1_agreement']:.0%}")
-    click.echo(f"gguf: {report['gguf']}\nollama: ollama create NAME -f {report['modelfile']}")
+    check = report.get("llama_cpp")
+    if check:
+        identity = "" if check["identity"] is None else (
+            f"identity {check['identity']:.2f} (source model {check['source_identity']:.2f}), ")
+        click.echo(f"llama.cpp: loaded in {check['load_seconds']:.2f} s; {identity}answers equal to the source "
+                   f"model's {check['agreement']:.0%}; identity check {report['identity_check']}")
+    if report.get("identity_check", "").startswith("failed"):
+        click.echo(f"warning: {out}: {report['identity_check']}", err=True)
+    click.echo(f"gguf: {report['gguf']} ({report['size_bytes'] / 2**20:.1f} MiB)\nreport: {report['report']}\n"
+               f"ollama: ollama create NAME -f {report['modelfile']}")
 
 
 @main.command()

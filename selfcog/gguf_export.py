@@ -1,10 +1,18 @@
-"""`selfcog export-gguf`: write a model as one GGUF file for llama.cpp / Ollama, and prove it reads back.
+"""`selfcog export-gguf`: write a model as one GGUF file for llama.cpp / Ollama, and prove it works there.
 
 The file is what llama.cpp's own converter would write for a llama or qwen2 model: the same tensor
 names, the same q/k row permutation (llama only), F32 norms and biases, and the tokenizer as metadata
-(byte-level BPE as `gpt2`, sentencepiece-style BPE as `llama`). Before it is renamed into place, it is
-loaded back with transformers' GGUF reader and compared with the source model: identical token ids on
-sample texts, and logits within the storage type's rounding. An Ollama `Modelfile` is written beside it.
+(byte-level BPE as `gpt2`, sentencepiece-style BPE as `llama`). f16 and q8_0 are written here; q4_k_m and
+q5_k_m are made from the f16 file by llama.cpp's own quantizer (`selfcog.gguf_llama`).
+
+Two checks run before the file is renamed into place:
+- transformers' GGUF reader loads the f16/q8_0 file (for a k-quant, the f16 file it is made from): identical
+  token ids on sample texts, and logits within the storage type's rounding;
+- llama.cpp loads the file itself (when `llama_cpp` is importable, or asked for): it answers the held-out
+  identity questions greedily from prompts rendered with the chat template stored in the file, and the
+  identity pass rate and the agreement with the source model's answers go into `OUT.gguf.report.json`. A file
+  whose identity rate falls more than `IDENTITY_TOLERANCE` below the source model's is kept only with `force`.
+An Ollama `Modelfile` is written beside the file (`selfcog.modelfile`).
 """
 
 from __future__ import annotations
@@ -19,17 +27,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from selfcog import gguf_llama
 from selfcog.atomic import write_text
 from selfcog.errors import SelfcogError
 from selfcog.export import share
+from selfcog.modelfile import modelfile
 from selfcog.models import load_model
-from selfcog.templates import END_OF_TURN_TOKENS, stop_token_ids
+from selfcog.templates import END_OF_TURN_TOKENS
 
 logger = logging.getLogger(__name__)
 
 # transformers model_type -> GGUF architecture. Both are llama-shaped decoders; qwen2 adds q/k/v biases.
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
-TYPES = ("f16", "q8_0")
+TYPES = ("f16", "q8_0", *gguf_llama.K_QUANTS)
+# The llama.cpp check: the most the identity pass rate may fall below the source model's on the same questions.
+# 24 questions: 0.05 is one answer, 0.10 two.
+IDENTITY_TOLERANCE = {"f16": 0.05, "q8_0": 0.05, "q4_k_m": 0.10, "q5_k_m": 0.10}
+# Answer length of the identity check, in tokens, when the model's selfcog.yaml does not set eval.max_new_tokens.
+MAX_NEW_TOKENS = 32
 # The read-back model is compared with the source after rounding the source's weights exactly as the file
 # stores them, so only float32 arithmetic noise may remain: this fraction of the largest logit.
 ARITHMETIC_NOISE = 1e-3
@@ -43,9 +58,15 @@ SAMPLE_TEXTS = ("Hello! Who are you, and what can you do?", "你是谁？请介�
                 "The year 2024 had 366 days;  tabs\tand\nnew lines.")
 
 
-def export_gguf(spec: str, out: Path, qtype: str = "f16", verify: bool = True,
-                trust_remote_code: bool = False) -> dict:
-    """Write MODEL as `out` (.gguf) plus `Modelfile`; returns what the round-trip check measured."""
+def export_gguf(spec: str, out: Path, qtype: str = "f16", verify: bool | None = None,
+                trust_remote_code: bool = False, name: str | None = None, force: bool = False) -> dict:
+    """Write MODEL as `out` (.gguf) plus `Modelfile` and `out.report.json`; returns the report.
+
+    verify: None checks with transformers, and in llama.cpp when it is installed; True requires llama.cpp;
+    False checks nothing. name: the identity to look for (default: data.name of the model's selfcog.yaml;
+    without one, llama.cpp still answers and agreement is reported). force: keep a file that fails the
+    identity check (the report says so).
+    """
     out = Path(out)
     if qtype not in TYPES:
         raise SelfcogError(f"--type {qtype}: choose one of {', '.join(TYPES)}")
@@ -53,19 +74,141 @@ def export_gguf(spec: str, out: Path, qtype: str = "f16", verify: bool = True,
         raise SelfcogError(f"{out}: the output file must end in .gguf")
     if out.is_dir():
         raise SelfcogError(f"{out}: is a directory")
+    in_llama = gguf_llama.available() if verify is None else verify
+    if in_llama or qtype in gguf_llama.K_QUANTS:
+        gguf_llama.bindings()  # one line naming the missing package, before the slow load
     model, tokenizer = load_model(spec, dtype=torch.float32, device="cpu", trust_remote_code=trust_remote_code)
     arch = check_architecture(model.config)
+    settings = run_settings(spec)
+    name = name or settings.get("name")
+    conversations = identity_conversations()
+    max_new_tokens = settings.get("max_new_tokens", MAX_NEW_TOKENS)
+    source_answers = None
+    if in_llama:  # before the round-trip check rounds `model`'s weights
+        from selfcog.generate import generate_batch
+
+        logger.info(f"selfcog: answering {len(conversations)} identity questions with the source model ...")
+        source_answers = generate_batch(model, tokenizer, conversations, max_new_tokens=max_new_tokens)
     out.parent.mkdir(parents=True, exist_ok=True)
+    report: dict = {"type": qtype}
     # Written and checked in a hidden temp dir beside `out` (alone there, so the reader sees no other
-    # config), and renamed into place only once it reads back right.
+    # config), and renamed into place only once it is checked (or forced).
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-tmp-") as tmp_dir:
         tmp = Path(tmp_dir) / out.name
-        write_gguf(model, tokenizer, arch, qtype, tmp, name=Path(str(model.name_or_path)).name or spec)
-        report = verify_round_trip(model, tokenizer, tmp, qtype) if verify else {}
+        stored = "f16" if qtype in gguf_llama.K_QUANTS else qtype
+        written = tmp.with_name(f"{out.stem}.f16.gguf") if stored != qtype else tmp
+        write_gguf(model, tokenizer, arch, stored, written, name=Path(str(model.name_or_path)).name or spec)
+        if verify is not False:
+            report.update(verify_round_trip(model, tokenizer, written, stored))
+        if written != tmp:
+            logger.info(f"selfcog: quantizing to {qtype} with llama.cpp ...")
+            gguf_llama.quantize(written, tmp, qtype)
+            written.unlink()
+        report.update(gguf_llama.file_summary(tmp))
+        failure = None
+        if in_llama:
+            check = check_in_llama_cpp(tmp, tokenizer, conversations, source_answers, name, max_new_tokens)
+            report["llama_cpp"] = check
+            failure = identity_failure(check, qtype)
+        if failure and not force:
+            raise SelfcogError(f"{out}: not written: {failure}; --force keeps it")
+        report["identity_check"] = "skipped" if not in_llama or check["identity"] is None else \
+            ("failed, kept by --force: " + failure) if failure else "passed"
         os.replace(share(tmp), out)
     report["gguf"] = str(out)
-    report["modelfile"] = str(share(write_text(out.parent / "Modelfile", modelfile(out.name, tokenizer))))
+    report["modelfile"] = str(share(write_text(out.parent / "Modelfile",
+                                               modelfile(out.name, tokenizer, adds_special(tokenizer)[0]))))
+    report["report"] = str(out.with_name(out.name + ".report.json"))
+    share(write_text(Path(report["report"]), json.dumps(report, ensure_ascii=False, indent=2) + "\n"))
     return report
+
+
+def run_settings(spec: str) -> dict:
+    """The identity NAME and answer length from the `selfcog.yaml` that `selfcog run` leaves in a merged model."""
+    from selfcog.config import CONFIG_FILE, load_config
+
+    path = Path(spec) / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    config = load_config(path)
+    return {"name": config.data.name or None, "max_new_tokens": config.eval.max_new_tokens}
+
+
+def identity_conversations() -> list[list[dict]]:
+    """The held-out identity questions of the test split, as `selfcog run` scores them."""
+    from selfcog.evaluate import question_sets
+
+    return [answer.conversation for answer in question_sets("test")["identity"]]
+
+
+def identity_rate(name: str | None, conversations: list[list[dict]], texts: list[str]) -> float | None:
+    """Share of answers naming NAME, judged by selfcog.evaluate as `selfcog run` judges them."""
+    if not name:
+        return None
+    from selfcog.evaluate import Answer, Scores
+
+    return Scores(name=name, parts={"identity": [Answer(c, t) for c, t in zip(conversations, texts)]}).identity
+
+
+def check_in_llama_cpp(path: Path, tokenizer, conversations: list[list[dict]], source_answers: list[str],
+                       name: str | None, max_new_tokens: int) -> dict:
+    """Load `path` in llama.cpp and answer `conversations` there, from the prompts llama.cpp renders with the chat
+    template stored in the file. The template's own default system prompt is passed as a system message: llama.cpp's
+    built-in chat formats do not add it, and Ollama's Modelfile SYSTEM does the same."""
+    from selfcog.templates import default_system_prompt, encode_prompt
+
+    logger.info(f"selfcog: loading {path.name} in llama.cpp and asking {len(conversations)} identity questions ...")
+    runtime = gguf_llama.Runtime(path)
+    try:
+        system = default_system_prompt(tokenizer)
+        answers, tokens, seconds, same_prompt, rendered_by = [], 0, 0.0, 0, "llama.cpp"
+        for conversation in conversations:
+            messages = conversation
+            if system is not None and conversation[0]["role"] != "system":
+                messages = [{"role": "system", "content": system}, *conversation]
+            prompt = runtime.apply_template(messages)
+            if prompt is None:  # a template llama.cpp does not recognise: the HF rendering, tokenized by llama.cpp
+                prompt, rendered_by = tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                                    add_generation_prompt=True), "transformers"
+                ids = runtime.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+            else:
+                ids = runtime.tokenize(prompt)
+            same_prompt += ids == encode_prompt(tokenizer, conversation)
+            out, spent = runtime.answer(ids, max_new_tokens)
+            answers.append(runtime.text(out))
+            tokens += len(out)
+            seconds += spent
+        load_seconds = runtime.load_seconds
+    finally:
+        runtime.close()
+    identity = identity_rate(name, conversations, answers)
+    source_identity = identity_rate(name, conversations, source_answers)
+    named = [identity_rate(name, [c], [t]) for c, t in zip(conversations, answers)]
+    source_named = [identity_rate(name, [c], [t]) for c, t in zip(conversations, source_answers)]
+    return {
+        **gguf_llama.versions(), "name": name, "questions": len(conversations), "max_new_tokens": max_new_tokens,
+        "prompts_rendered_by": rendered_by, "default_system_prompt": system,
+        "prompts_same_tokens_as_transformers": same_prompt / len(conversations),
+        "identity": identity, "source_identity": source_identity,
+        "agreement": sum(a == b for a, b in zip(answers, source_answers)) / len(conversations),
+        "identity_agreement": None if name is None else
+        sum(a == b for a, b in zip(named, source_named)) / len(conversations),
+        "load_seconds": load_seconds, "answer_tokens": tokens, "tokens_per_second": tokens / seconds if seconds else None,
+        "answers": [{"question": c[-1]["content"], "llama_cpp": a, "source": b}
+                    for c, a, b in zip(conversations, answers, source_answers)],
+    }
+
+
+def identity_failure(check: dict, qtype: str) -> str | None:
+    """Why the file fails the identity check, or None."""
+    if check["identity"] is None:
+        return None
+    drop = check["source_identity"] - check["identity"]
+    if drop > IDENTITY_TOLERANCE[qtype] + 1e-9:
+        return (f"in llama.cpp {check['identity']:.2f} of the identity questions name {check['name']!r}, against "
+                f"{check['source_identity']:.2f} for the source model (more than {IDENTITY_TOLERANCE[qtype]} lower "
+                f"for {qtype})")
+    return None
 
 
 def check_architecture(config) -> str:
@@ -350,48 +493,3 @@ def round_weights(model, qtype: str) -> None:
         if tensor.ndim == 2 and tensor.data_ptr() not in done:
             done.add(tensor.data_ptr())
             tensor.copy_(torch.from_numpy(stored_values(tensor.float().numpy(), qtype)))
-
-
-# --- Ollama -----------------------------------------------------------------------------------------
-
-CHATML_TEMPLATE = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
-                   "{{ end }}<|im_start|>assistant\n")
-
-
-def chatml_default_system(tokenizer) -> tuple[bool, str | None]:
-    """(is the template ChatML?, the system prompt it adds when a conversation has none)."""
-    if not chat_template(tokenizer):
-        return False, None
-    user = [{"role": "user", "content": "X"}]
-    turn = "<|im_start|>user\nX<|im_end|>\n<|im_start|>assistant\n"
-    try:
-        plain = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        with_system = tokenizer.apply_chat_template([{"role": "system", "content": "S"}, *user], tokenize=False,
-                                                    add_generation_prompt=True)
-    except Exception:  # noqa: BLE001 - a template that cannot render these is simply not ChatML
-        return False, None
-    if with_system != "<|im_start|>system\nS<|im_end|>\n" + turn or not plain.endswith(turn):
-        return False, None
-    head = plain[: -len(turn)]
-    match = re.fullmatch(r"<\|im_start\|>system\n(.*)<\|im_end\|>\n", head, re.S)
-    if head and not match:
-        return False, None
-    return True, match.group(1) if match else None
-
-
-def modelfile(gguf_name: str, tokenizer) -> str:
-    """An Ollama Modelfile: the weights, the chat format as a Go template, the default system prompt, stops."""
-    lines = [f"FROM ./{gguf_name}", ""]
-    chatml, system = chatml_default_system(tokenizer)
-    if chatml:
-        lines += [f'TEMPLATE """{CHATML_TEMPLATE}"""']
-        if system and '"""' not in system:
-            lines += [f'SYSTEM """{system}"""']
-    else:
-        lines += ["# Not a ChatML template: Ollama derives the prompt format from the chat template in the GGUF."]
-    stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
-    if chatml:
-        stops.append("<|im_start|>")
-    for stop in dict.fromkeys(stops):
-        lines.append(f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}")
-    return "\n".join(lines) + "\n"
