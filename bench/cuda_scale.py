@@ -148,7 +148,7 @@ def bf16_lora(args) -> dict:
     import scale
 
     stage = SimpleNamespace(model_dir=args.model_dir, precision="bf16", batch=8, steps=args.steps,
-                            answers="none", cache=args.cache, sample_tokens=8)
+                            answers="none", cache=args.cache, sample_tokens=8, threads=1)
     first = scale.first_run(stage)
     out = {"first_run": first}
     for contender in ("selfcog", "hf-peft"):

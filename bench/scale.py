@@ -124,11 +124,13 @@ class Stages:
             def __enter__(self):
                 gc.collect()
                 reset_peak()
-                self.began = time.perf_counter()
+                self.began, self.cpu = time.perf_counter(), time.process_time()
                 return self
 
             def __exit__(self, *exc):
-                stages.out[name] = {"seconds": round(time.perf_counter() - self.began, 2), "peak_rss_mib": peak_mib()}
+                stages.out[name] = {"seconds": round(time.perf_counter() - self.began, 2),
+                                    "cpu_seconds": round(time.process_time() - self.cpu, 2),
+                                    "peak_rss_mib": peak_mib()}
 
         return Stage()
 
@@ -243,9 +245,11 @@ def first_run(args) -> dict:
     data = dataset(Path(args.model_dir), tokenizer, args)
     examples = subset(data, args.batch * args.steps)
     fingerprint = model_fingerprint(model.name_or_path)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "fp32-autocast"), \
-            stages("base_answers_one_batch"):
-        seconds, asked = generation_seconds(model, tokenizer, args.sample_tokens)
+    autocast = args.precision == "fp32-autocast"
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), stages("base_answers_prefill_one_batch"):
+        generation_seconds(model, tokenizer, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), stages("base_answers_one_batch"):
+        _, asked = generation_seconds(model, tokenizer, args.sample_tokens)
     with stages("stored_topk_sample"):
         examples = attach_base_topk(model, examples, config.train.kl_top_k, fingerprint)
     with stages("frozen_states_sample"):
@@ -260,13 +264,25 @@ def first_run(args) -> dict:
     prompts = data["preservation_prompts"]
     batches_eval = sum(-(-sum(len(a) for a in question_sets(s).values()) // GENERATION_BATCH)
                        for s in splits)
-    per_token = seconds / args.sample_tokens  # the prompts' prefill included: an upper bound per new token
+    def unshared(stage: str) -> float:  # CPU seconds / threads: the stage's time on this machine unshared
+        return stages.out[stage]["cpu_seconds"] / args.threads
+
+    # A batch of 32 answers of n tokens: the prompts' prefill (which gives the first token), then n - 1 steps.
+    prefill = unshared("base_answers_prefill_one_batch")
+    step = max(unshared("base_answers_one_batch") - prefill, 0.0) / (args.sample_tokens - 1)
+
+    def batch(n: int) -> float:
+        return prefill + (n - 1) * step
+
     projected = {
-        "base_answers": round(per_token * (batches_eval * config.eval.max_new_tokens
-                                           + -(-prompts // GENERATION_BATCH) * config.data.preserve_max_new_tokens)),
-        "stored_topk": round(stages.out["stored_topk_sample"]["seconds"] * scale),
-        "frozen_states": round(stages.out["frozen_states_sample"]["seconds"] * scale),
-        "dev_check_identity_side": round(per_token * config.eval.max_new_tokens),
+        "base_answers": round(batches_eval * batch(config.eval.max_new_tokens)
+                              + -(-prompts // GENERATION_BATCH) * batch(config.data.preserve_max_new_tokens)),
+        "stored_topk": round(unshared("stored_topk_sample") * scale),
+        "frozen_states": round(unshared("frozen_states_sample") * scale),
+        "dev_check_identity_side": round(batch(config.eval.max_new_tokens)),
+        "evaluate_merged": round(batch(config.eval.max_new_tokens) * -(-sum(
+            len(a) for a in question_sets("test").values()) // GENERATION_BATCH)),
+        "generation_batch_prefill": round(prefill, 1), "generation_step": round(step, 2),
     }
     cached = sum(t.numel() * t.element_size() for e in examples if e.get("preserve")
                  for t in (e["base_ids"], e["base_logp"], e.get("bottom_hidden", torch.empty(0))))
@@ -277,12 +293,33 @@ def first_run(args) -> dict:
             "preservation_samples": data["preservation"]}
 
 
+def CpuClock():
+    """train_throughput's StepClock that also notes this process's CPU seconds (all threads) at every mark: on a
+    machine shared with other work, CPU seconds per step say what a step costs where wall time says what it took."""
+    from train_throughput import StepClock
+
+    class Clock(StepClock):
+        def __init__(self):
+            super().__init__()
+            self.cpu: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            self.cpu.append(time.process_time())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            super().on_step_end(args, state, control, **kwargs)
+            self.cpu.append(time.process_time())
+
+    return Clock()
+
+
 def train(args) -> dict:
     """`args.steps` + 1 optimizer steps of one contender; the first is a warm-up."""
     from functools import partial
 
     from peft import LoraConfig, get_peft_model
-    from train_throughput import StepClock, counted, step_stats
+    from train_throughput import counted, step_stats
     from transformers import DataCollatorForSeq2Seq, Trainer
 
     from selfcog.cache import model_fingerprint
@@ -298,7 +335,7 @@ def train(args) -> dict:
         model, tokenizer = load(Path(args.model_dir), args.precision)
     examples = subset(dataset(Path(args.model_dir), tokenizer, args), args.batch * args.steps)
     work = Path(tempfile.mkdtemp(prefix="selfcog-scale-"))
-    clock = StepClock()
+    clock = CpuClock()
     trainer_args = training_args(config, work)
     if args.contender == "selfcog":
         with stages("prepare_cached"):
@@ -328,6 +365,7 @@ def train(args) -> dict:
         trainer.train()
     stats = step_stats(clock)
     stats.pop("executed_flops_per_s")
+    stats["cpu_seconds"] = round(clock.cpu[-1] - clock.cpu[1], 2)  # the timed steps: from the warm-up's end
     return {"stages": stages.out, "train": stats}
 
 
@@ -373,7 +411,7 @@ def child(stage: str, args, precision: str, contender: str = "") -> dict:
     return result
 
 
-def projection(first: dict, selfcog: dict) -> dict:
+def projection(first: dict, selfcog: dict, merged: dict, threads: int) -> dict:
     """`selfcog run` seconds at the embedded model's step counts: training at the measured s/step, plus a dev
     check's identity side every 5 steps from step 15 (one of them also the general side), the first-run caches and
     the base answers (warm caches skip those), merge and the merged model's evaluation."""
@@ -381,8 +419,10 @@ def projection(first: dict, selfcog: dict) -> dict:
     out = {}
     for steps in RUN_STEPS:
         checks = len(range(15, steps + 1, 5))
-        train = steps * selfcog["s_per_step"] + (checks + 1) * p["dev_check_identity_side"]
+        train = steps * selfcog["unshared_s_per_step"] + (checks + 1) * p["dev_check_identity_side"]
+        merge_seconds = sum(merged["stages"][k]["cpu_seconds"] for k in ("merge_and_write_fp32", "reload_merged"))
         out[f"{steps}_steps"] = {"train_and_dev_checks": round(train),
+                                 "merge_and_evaluate_merged": round(merge_seconds / threads + p["evaluate_merged"]),
                                  "first_run_caches": p["base_answers"] + p["stored_topk"] + p["frozen_states"]}
     return out
 
@@ -400,6 +440,8 @@ def main() -> None:
                         help="model whose cached answers fill the preservation samples; `none`: a fixed text")
     parser.add_argument("--sample-tokens", type=int, default=8,
                         help="new tokens in the timed generation batch (projected per token to the run's lengths)")
+    parser.add_argument("--stages", default="first-run,train,merge",
+                        help="stages to run; the others are taken from the report already at --out")
     parser.add_argument("--shared", action="store_true", help="say in the report that other work shared the machine")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json")
     parser.add_argument("--stage", default=None, help=argparse.SUPPRESS)
@@ -430,25 +472,30 @@ def main() -> None:
         previous = json.loads(args.out.read_text())
         if previous.get("shape") == args.shape:
             report["precisions"] = previous.get("precisions", {})
+    stages = args.stages.split(",")
     for precision in args.precision.split(","):
         if precision not in PRECISIONS:
             raise SystemExit(f"--precision {precision}: choose from {', '.join(PRECISIONS)}")
+        kept = report["precisions"].get(precision, {})
         with tempfile.TemporaryDirectory(prefix="home-", dir=args.cache) as home:
             args.home = home  # an empty cache: the first run pays for it, the training rounds read it
-            first = child("first-run", args, precision)
-            rounds = {"selfcog": [], "hf-peft": []}
-            for _ in range(args.rounds):
+            first = child("first-run", args, precision) if "first-run" in stages else kept["first_run"]
+            rounds = {"selfcog": [], "hf-peft": []} if "train" in stages else kept["rounds"]
+            for _ in range(args.rounds if "train" in stages else 0):
                 for contender in rounds:
                     rounds[contender].append(child("train", args, precision, contender))
-            merged = child("merge", args, precision)
-        train_stats = {c: combine([r["train"] for r in runs]) for c, runs in rounds.items()}
+            merged = child("merge", args, precision) if "merge" in stages else kept["merge"]
+        train_stats = {c: combine([r["train"] for r in runs], args.threads) for c, runs in rounds.items()}
         for c, runs in rounds.items():
             train_stats[c]["peak_rss_mib"] = max(r["stages"]["train"]["peak_rss_mib"] for r in runs)
             train_stats[c]["load_peak_rss_mib"] = max(r["stages"]["load"]["peak_rss_mib"] for r in runs)
         train_stats["speedup"] = round(train_stats["selfcog"]["tokens_per_s"] / train_stats["hf-peft"]["tokens_per_s"],
                                        2)
+        train_stats["speedup_cpu_time"] = round(train_stats["selfcog"]["unshared_tokens_per_s"]
+                                                / train_stats["hf-peft"]["unshared_tokens_per_s"], 2)
         report["precisions"][precision] = {"first_run": first, "train": train_stats, "rounds": rounds,
-                                           "merge": merged, "projected_run": projection(first, train_stats["selfcog"])}
+                                           "merge": merged, "projected_run": projection(first, train_stats["selfcog"], merged,
+                                                                        args.threads)}
     report["wall_seconds"] = round(time.perf_counter() - began, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -456,10 +503,14 @@ def main() -> None:
     print(markdown(report))
 
 
-def combine(stats: list[dict]) -> dict:
-    steps, seconds, tokens = (sum(s[k] for s in stats) for k in ("steps", "seconds", "tokens"))
+def combine(stats: list[dict], threads: int = 2) -> dict:
+    """Timed steps over rounds; `cpu_s_per_step` / `threads`: a step's cost on this machine unshared (all threads
+    busy), the figure projections use."""
+    steps, seconds, tokens, cpu = (sum(s[k] for s in stats) for k in ("steps", "seconds", "tokens", "cpu_seconds"))
     return {"steps": steps, "seconds": round(seconds, 2), "tokens": tokens, "s_per_step": round(seconds / steps, 2),
-            "tokens_per_s": round(tokens / seconds, 1), "tokens_per_step": round(tokens / steps, 1)}
+            "tokens_per_s": round(tokens / seconds, 1), "tokens_per_step": round(tokens / steps, 1),
+            "cpu_s_per_step": round(cpu / steps, 2), "unshared_s_per_step": round(cpu / steps / threads, 2),
+            "unshared_tokens_per_s": round(tokens * threads / cpu, 1)}
 
 
 def markdown(report: dict) -> str:
@@ -475,28 +526,36 @@ def markdown(report: dict) -> str:
     for precision, r in report["precisions"].items():
         t, f, m = r["train"], r["first_run"], r["merge"]
         lines += [f"## {precision}", "",
-                  "| trainer | s/step | tokens/step | tokens/s | peak RSS (train) MiB | vs hf-peft |", "|---|---|---|---|---|---|"]
+                  "Wall: as measured; unshared: the process's CPU seconds / threads (the step's cost with the "
+                  "machine to itself, all threads busy).", "",
+                  "| trainer | s/step wall | s/step unshared | tokens/step | tokens/s wall | tokens/s unshared | "
+                  "peak RSS (train) MiB | vs hf-peft (wall / unshared) |", "|---|---|---|---|---|---|---|---|"]
         for c in ("selfcog", "hf-peft"):
-            lines.append(f"| {c} | {t[c]['s_per_step']} | {t[c]['tokens_per_step']} | {t[c]['tokens_per_s']} | "
-                         f"{t[c]['peak_rss_mib']} | {t['speedup'] if c == 'selfcog' else 1.0}x |")
+            vs = f"{t['speedup']}x / {t['speedup_cpu_time']}x" if c == "selfcog" else "1.0x"
+            lines.append(f"| {c} | {t[c]['s_per_step']} | {t[c]['unshared_s_per_step']} | {t[c]['tokens_per_step']} | "
+                         f"{t[c]['tokens_per_s']} | {t[c]['unshared_tokens_per_s']} | {t[c]['peak_rss_mib']} | {vs} |")
         stage_rows = [("load", f["stages"]["load"]),
+                      ("base answers, one batch of 32 dev questions, prefill", f["stages"]["base_answers_prefill_one_batch"]),
                       ("base answers, one batch of 32 dev questions", f["stages"]["base_answers_one_batch"]),
                       ("stored top-k, trained subset", f["stages"]["stored_topk_sample"]),
                       ("frozen-layer states, trained subset", f["stages"]["frozen_states_sample"]),
-                      ("train (selfcog)", {"seconds": "", "peak_rss_mib": t["selfcog"]["peak_rss_mib"]}),
+                      ("train (selfcog)", {"seconds": "", "cpu_seconds": "", "peak_rss_mib": t["selfcog"]["peak_rss_mib"]}),
+                      ("train (hf-peft)", {"seconds": "", "cpu_seconds": "", "peak_rss_mib": t["hf-peft"]["peak_rss_mib"]}),
                       ("merge + write fp32", m["stages"]["merge_and_write_fp32"]),
                       ("reload merged", m["stages"]["reload_merged"]),
                       ("evaluate merged, one batch", m["stages"]["evaluate_merged_one_batch"])]
-        lines += ["", "| stage | seconds | peak RSS MiB |", "|---|---|---|"]
-        lines += [f"| {name} | {s['seconds']} | {s['peak_rss_mib']} |" for name, s in stage_rows]
+        lines += ["", "| stage | seconds wall | CPU seconds | peak RSS MiB |", "|---|---|---|---|"]
+        lines += [f"| {name} | {s['seconds']} | {s['cpu_seconds']} | {s['peak_rss_mib']} |" for name, s in stage_rows]
         p = f["projected_seconds"]
-        lines += ["", f"First run, projected to the whole job ({f['preservation_samples']} preservation samples, "
+        lines += ["", "Projected on this machine unshared (CPU seconds / threads):", "",
+                  f"First run, projected to the whole job ({f['preservation_samples']} preservation samples, "
                       f"{f['preservation_tokens']} tokens; {f['eval_questions']} evaluation questions): base answers "
                       f"{p['base_answers']} s, stored top-k {p['stored_topk']} s, frozen-layer states "
                       f"{p['frozen_states']} s, caches {f['cache_mib_projected']} MiB on disk.", ""]
         for steps, proj in r["projected_run"].items():
             lines.append(f"- `selfcog run` at {steps.replace('_', ' ')}: training + dev checks ~"
-                         f"{proj['train_and_dev_checks'] / 60:.0f} min; a machine's first run adds ~"
+                         f"{proj['train_and_dev_checks'] / 60:.0f} min, merge + scoring the merged model ~"
+                         f"{proj['merge_and_evaluate_merged'] / 60:.0f} min; a machine's first run adds ~"
                          f"{proj['first_run_caches'] / 60:.0f} min (base answers, top-k, frozen states).")
         lines.append("")
     return "\n".join(lines)

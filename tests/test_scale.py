@@ -76,8 +76,8 @@ def test_scale_stages_on_a_tiny_shape(bench, tmp_path):
               "machine_shared": True, "precisions": {"bf16": {
                   "first_run": first, "merge": merged,
                   "train": {"selfcog": {**combined, "peak_rss_mib": 1}, "hf-peft": {**combined, "peak_rss_mib": 1},
-                            "speedup": 1.0},
-                  "projected_run": scale.projection(first, combined)}}}
+                            "speedup": 1.0, "speedup_cpu_time": 1.0},
+                  "projected_run": scale.projection(first, combined, merged, 1)}}}
     text = scale.markdown(report)
     assert "| selfcog |" in text and "shared" in text and "25 steps" in text
 
