@@ -98,8 +98,8 @@ def export_gguf(spec: str, out: Path, qtype: str = "f16", verify: bool | None = 
         stored = "f16" if qtype in gguf_llama.K_QUANTS else qtype
         written = tmp.with_name(f"{out.stem}.f16.gguf") if stored != qtype else tmp
         write_gguf(model, tokenizer, arch, stored, written, name=Path(str(model.name_or_path)).name or spec)
-        if verify is not False:
-            report.update(verify_round_trip(model, tokenizer, written, stored))
+        if verify is not False:  # for a k-quant: the f16 file it is made from
+            report.update(verify_round_trip(model, tokenizer, written, stored), round_trip_type=stored)
         if written != tmp:
             logger.info(f"selfcog: quantizing to {qtype} with llama.cpp ...")
             gguf_llama.quantize(written, tmp, qtype)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
-import logging
 import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,16 +55,21 @@ def quantize(source: Path, target: Path, qtype: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, K_QUANTS[qtype])
     params.nthread = threads()
-    # llama.cpp logs a line per tensor through the bindings' logger; the report counts the types it chose.
-    chatter = logging.getLogger("llama-cpp-python")
-    level = chatter.level
-    chatter.setLevel(logging.ERROR)
-    try:
-        status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
-    finally:
-        chatter.setLevel(level)
+    # llama.cpp writes a line per tensor to stderr; the report counts the types it chose. Kept for an error message.
+    with tempfile.TemporaryFile() as chatter:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(chatter.fileno(), 2)
+        try:
+            status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        chatter.seek(0)
+        said = [line for line in chatter.read().decode("utf-8", "replace").splitlines() if line.strip()]
     if status != 0 or not Path(target).is_file():
-        raise SelfcogError(f"export-gguf: llama.cpp's quantizer failed on {source.name} (status {status})")
+        reason = said[-1].strip() if said else f"status {status}"
+        raise SelfcogError(f"export-gguf: llama.cpp's quantizer failed on {source.name}: {reason}")
 
 
 class Runtime:

@@ -75,9 +75,9 @@ def chat_format(tokenizer) -> ChatFormat | None:
         return None
     if system is None:  # what comes before a lone user turn is the prefix
         prefix = user_only[:len(user_only) - len(user_turn)]
-    else:  # every prompt starts with a system turn: where the prefix ends does not change any rendering
+    else:  # every prompt starts with a system turn: a BOS written once, unless every turn opens with it (ChatML)
         bos = getattr(tokenizer, "bos_token", None)
-        prefix = bos if bos and system_only.startswith(bos) else ""
+        prefix = bos if bos and system_only.startswith(bos) and not user_turn.startswith(bos) else ""
     if not system_only.startswith(prefix):
         return None
     turns = {"system": split_turn(system_only[len(prefix):], S), "user": split_turn(user_turn, U1),

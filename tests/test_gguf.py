@@ -140,11 +140,13 @@ def modelfile_matches_hf(tokenizer, bos_added: bool) -> str:
 def test_modelfile_template_renders_like_smollm2_chat_template(system):
     tokenizer = build_tokenizer()
     tokenizer.chat_template = SMOLLM2_TEMPLATE
+    tokenizer.bos_token = "<|im_start|>"  # as SmolLM2's tokenizer has it (the GGUF does not add it)
     if system:
         assert set_default_system_prompt(tokenizer, system)
     text = modelfile_matches_hf(tokenizer, bos_added=False)
     expected = system or "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     assert f'SYSTEM """{expected}"""' in text
+    assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}' in text
 
 
 def test_modelfile_template_renders_like_internlm2_chat_template(tmp_path):
