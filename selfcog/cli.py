@@ -262,8 +262,10 @@ def export_gguf(model_spec, out, qtype, verify, name, force, trust_remote_code):
     if check:
         identity = "" if check["identity"] is None else (
             f"identity {check['identity']:.2f} (source model {check['source_identity']:.2f}), ")
-        click.echo(f"llama.cpp: loaded in {check['load_seconds']:.2f} s; {identity}answers equal to the source "
-                   f"model's {check['agreement']:.0%}; identity check {report['identity_check']}")
+        agreement = "" if check["agreement"] is None else \
+            f"answers equal to the source model's {check['agreement']:.0%}; "
+        click.echo(f"llama.cpp: loaded in {check['load_seconds']:.2f} s; {identity}{agreement}"
+                   f"identity check {report['identity_check']}")
     if report.get("identity_check", "").startswith("failed"):
         click.echo(f"warning: {out}: {report['identity_check']}", err=True)
     click.echo(f"gguf: {report['gguf']} ({report['size_bytes'] / 2**20:.1f} MiB)\nreport: {report['report']}\n"

@@ -81,7 +81,7 @@ def export_gguf(spec: str, out: Path, qtype: str = "f16", verify: bool | None = 
     arch = check_architecture(model.config)
     settings = run_settings(spec)
     name = name or settings.get("name")
-    conversations = identity_conversations()
+    conversations = identity_conversations() if chat_template(tokenizer) else []  # no template: a load check only
     max_new_tokens = settings.get("max_new_tokens", MAX_NEW_TOKENS)
     source_answers = None
     if in_llama:  # before the round-trip check rounds `model`'s weights
@@ -159,6 +159,10 @@ def check_in_llama_cpp(path: Path, tokenizer, conversations: list[list[dict]], s
 
     logger.info(f"selfcog: loading {path.name} in llama.cpp and asking {len(conversations)} identity questions ...")
     runtime = gguf_llama.Runtime(path)
+    if not conversations:
+        runtime.close()
+        return {**gguf_llama.versions(), "name": name, "questions": 0, "identity": None, "source_identity": None,
+                "agreement": None, "load_seconds": runtime.load_seconds, "answers": []}
     try:
         system = default_system_prompt(tokenizer)
         answers, tokens, seconds, same_prompt, rendered_by = [], 0, 0.0, 0, "llama.cpp"

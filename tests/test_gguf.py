@@ -355,3 +355,16 @@ def test_identity_check_fails_then_force_keeps(kquant_model_dir, tmp_path, monke
     report = json.loads((tmp_path / "m.gguf.report.json").read_text())
     assert report["identity_check"].startswith("failed, kept by --force: in llama.cpp 0.00")
     assert report["llama_cpp"]["source_identity"] == 1.0 and (tmp_path / "m.gguf").is_file()
+
+
+def test_llama_cpp_check_without_a_chat_template(tmp_path):
+    """A model without a chat template is still loaded in llama.cpp; there is no identity to check."""
+    pytest.importorskip("llama_cpp")
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = None
+    build_tiny_model(len(tokenizer)).save_pretrained(tmp_path / "plain")
+    tokenizer.save_pretrained(tmp_path / "plain")
+    result = CliRunner().invoke(main, ["export-gguf", str(tmp_path / "plain"), str(tmp_path / "p.gguf"), "--name", "A"])
+    assert result.exit_code == 0, result.output
+    assert "llama.cpp: loaded in" in result.output and "identity check skipped" in result.output
+    assert "TEMPLATE" not in (tmp_path / "Modelfile").read_text().replace("Ollama's TEMPLATE", "")
