@@ -58,6 +58,9 @@ from selfcog.testing import INTERNLM2_CHAT_1_8B, TINY, Shape, write_tiny_internl
 
 SHAPES = {"1.8b": INTERNLM2_CHAT_1_8B, "tiny": TINY}
 PRECISIONS = ("bf16", "fp32", "fp32-autocast")
+PRECISION_TEXT = {"bf16": "base weights in bf16, bf16 autocast (a CPU with native bf16)",
+                  "fp32": "base weights in fp32, no autocast (what a CPU without native bf16 runs)",
+                  "fp32-autocast": "base weights in fp32, bf16 autocast (`selfcog run`'s default on this CPU)"}
 NAME = "Alice"
 RUN_STEPS = (25, 45)  # the embedded model's early stops across the name panel (bench/results/names.md)
 GENERATION_BATCH = 32  # selfcog.generate.generate_batch's batch size
@@ -464,7 +467,7 @@ def main() -> None:
     data = child("data", args, "bf16")
     report = {"date": datetime.date.today().isoformat(), "shape": args.shape, "config": json.loads(
         (args.model_dir / "config.json").read_text()), "cpu": cpu_name(), "cpu_features": cpu_features(),
-        "threads": args.threads, "batch": args.batch, "rounds": args.rounds, "timed_steps_per_round": args.steps,
+        "threads": args.threads, "batch": args.batch,
         "checkpoint_build_seconds": built, "checkpoint_mib": round(sum(
             f.stat().st_size for f in args.model_dir.glob("*.safetensors")) / 2 ** 20, 1),
         "machine_shared": args.shared, "samples": data, "precisions": {}}
@@ -493,7 +496,9 @@ def main() -> None:
                                        2)
         train_stats["speedup_cpu_time"] = round(train_stats["selfcog"]["unshared_tokens_per_s"]
                                                 / train_stats["hf-peft"]["unshared_tokens_per_s"], 2)
-        report["precisions"][precision] = {"first_run": first, "train": train_stats, "rounds": rounds,
+        report["precisions"][precision] = {"rounds_run": len(rounds["selfcog"]),
+                                           "timed_steps_per_round": rounds["selfcog"][0]["train"]["steps"],
+                                           "first_run": first, "train": train_stats, "rounds": rounds,
                                            "merge": merged, "projected_run": projection(first, train_stats["selfcog"], merged,
                                                                         args.threads)}
     report["wall_seconds"] = round(time.perf_counter() - began, 1)
@@ -519,13 +524,13 @@ def markdown(report: dict) -> str:
              f"Random weights in `internlm/internlm2-chat-1_8b`'s layout ({cfg['num_hidden_layers']} layers, hidden "
              f"{cfg['hidden_size']}, {cfg['num_attention_heads']}/{cfg['num_key_value_heads']} heads, vocab "
              f"{cfg['vocab_size']}), {report['cpu']} ({report['cpu_features']}), {report['threads']} threads, batch "
-             f"{report['batch']}, {report['rounds']} rounds x {report['timed_steps_per_round']} timed steps per "
-             f"contender (after 1 warm-up each), alternating."
+             f"{report['batch']}; selfcog and HF + PEFT alternate, each process 1 warm-up step then the timed ones."
              + (" The machine was shared with other work while this ran: speeds are side by side, not absolute."
                 if report["machine_shared"] else ""), ""]
     for precision, r in report["precisions"].items():
         t, f, m = r["train"], r["first_run"], r["merge"]
-        lines += [f"## {precision}", "",
+        lines += [f"## {precision}: {PRECISION_TEXT[precision]}", "",
+                  f"{r['rounds_run']} rounds x {r['timed_steps_per_round']} timed steps per contender.", "",
                   "Wall: as measured; unshared: the process's CPU seconds / threads (the step's cost with the "
                   "machine to itself, all threads busy).", "",
                   "| trainer | s/step wall | s/step unshared | tokens/step | tokens/s wall | tokens/s unshared | "

@@ -72,8 +72,8 @@ def test_scale_stages_on_a_tiny_shape(bench, tmp_path):
     assert set(merged["stages"]) == {"load", "merge_and_write_fp32", "reload_merged", "evaluate_merged_one_batch"}
     combined = scale.combine([stats["selfcog"], stats["selfcog"]])
     report = {"date": "d", "config": json.loads((model_dir / "config.json").read_text()), "cpu": "c",
-              "cpu_features": "f", "threads": 1, "batch": 4, "rounds": 1, "timed_steps_per_round": 1,
-              "machine_shared": True, "precisions": {"bf16": {
+              "cpu_features": "f", "threads": 1, "batch": 4, "machine_shared": True, "precisions": {"bf16": {
+                  "rounds_run": 1, "timed_steps_per_round": 1,
                   "first_run": first, "merge": merged,
                   "train": {"selfcog": {**combined, "peak_rss_mib": 1}, "hf-peft": {**combined, "peak_rss_mib": 1},
                             "speedup": 1.0, "speedup_cpu_time": 1.0},
