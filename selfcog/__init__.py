@@ -6,8 +6,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name == "load_model":
-        # imported on first use, so that `import selfcog.config` (or any leaf module) does not load torch
-        from selfcog.models import load_model
+        from selfcog.models import load_model  # torch: on first use, so `import selfcog.config` stays light
 
         return load_model
     raise AttributeError(f"module 'selfcog' has no attribute {name!r}")

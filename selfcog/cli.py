@@ -18,6 +18,8 @@ from selfcog.config import (RunConfig, apply_overrides, dump_config, load_config
 from selfcog.data.check import check_data_report, load_checked
 from selfcog.data.identity import Persona, dumps, identity_records, seed_records
 from selfcog.errors import SelfcogError
+from selfcog.studio import launch as launch_studio
+from selfcog.web import launch as launch_web
 from selfcog.xtuner import resolve_train_config
 
 if TYPE_CHECKING:
@@ -189,9 +191,7 @@ def merge(base, adapter, out, max_shard_size, dtype):
 @click.option("--trust-remote-code", is_flag=True)
 def web(model_spec, compare_spec, port, host, adapter, system, max_new_tokens, trust_remote_code):
     """Chat with MODEL in the browser (Streamlit); --compare BASE shows both answers side by side."""
-    from selfcog.web import launch  # torch
-
-    sys.exit(launch(model_spec, port, host, compare_spec, adapter, system, max_new_tokens, trust_remote_code))
+    sys.exit(launch_web(model_spec, port, host, compare_spec, adapter, system, max_new_tokens, trust_remote_code))
 
 
 @main.command()
@@ -201,9 +201,7 @@ def web(model_spec, compare_spec, port, host, adapter, system, max_new_tokens, t
               "else $SELFCOG_HOME/studio].")
 def studio(port, host, home):
     """The whole job in one local web page: set up, train in the background, compare, chat, download."""
-    from selfcog.studio import launch
-
-    sys.exit(launch(home, port, host))
+    sys.exit(launch_studio(home, port, host))
 
 
 @main.command()

@@ -15,8 +15,9 @@ from importlib import metadata, resources
 from pathlib import Path
 
 from selfcog.atomic import atomic_dir
+from selfcog.config import load_config
 from selfcog.errors import SelfcogError
-from selfcog.export import share
+from selfcog.export import merge, share
 from selfcog.models import HUB_ID, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -72,8 +73,6 @@ def bundle_model(source: Path, target: Path) -> None:
 
 def bundle_adapter(adapter: Path, target: Path) -> None:
     """A LoRA adapter directory: merge it into the base it names, so the app needs no peft."""
-    from selfcog.export import merge
-
     base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base:
         raise SelfcogError(f"{adapter}: adapter_config.json names no base model; merge it first (selfcog merge)")
@@ -84,8 +83,6 @@ def bundle_adapter(adapter: Path, target: Path) -> None:
 def default_title(source: str | None) -> str:
     """The assistant's name from the run that made the model, when there is one."""
     if source is not None and (Path(source) / "selfcog.yaml").is_file():
-        from selfcog.config import load_config
-
         try:
             data = load_config(Path(source) / "selfcog.yaml").data
             if data.assistant_name or data.name:

@@ -178,7 +178,7 @@ def merge(base: str, adapter: Path, out: Path, max_shard_size: str = "2GB", dtyp
         raise SelfcogError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
     check_dtype(dtype)
     parse_size(max_shard_size)  # fail on a typo before the slow load
-    from peft import PeftModel
+    from peft import PeftModel  # ~1 s, for merge only: deploy and export-gguf import this module for share()
 
     model, tokenizer = load_model(base, dtype=torch.float32, device="cpu")
     if (adapter / "tokenizer_config.json").is_file():

@@ -24,16 +24,21 @@ import re
 import tempfile
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from selfcog import gguf_llama
 from selfcog.atomic import write_text
+from selfcog.config import CONFIG_FILE, load_config
 from selfcog.errors import SelfcogError
+from selfcog.evaluate import Answer, Scores, question_sets
 from selfcog.export import share
+from selfcog.generate import generate_batch
 from selfcog.modelfile import modelfile
 from selfcog.models import load_model
-from selfcog.templates import END_OF_TURN_TOKENS
+from selfcog.templates import END_OF_TURN_TOKENS, default_system_prompt, encode_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +90,6 @@ def export_gguf(spec: str, out: Path, qtype: str = "f16", verify: bool | None = 
     max_new_tokens = settings.get("max_new_tokens", MAX_NEW_TOKENS)
     source_answers = None
     if in_llama:  # before the round-trip check rounds `model`'s weights
-        from selfcog.generate import generate_batch
-
         logger.info(f"selfcog: answering {len(conversations)} identity questions with the source model ...")
         source_answers = generate_batch(model, tokenizer, conversations, max_new_tokens=max_new_tokens)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -125,8 +128,6 @@ def export_gguf(spec: str, out: Path, qtype: str = "f16", verify: bool | None = 
 
 def run_settings(spec: str) -> dict:
     """The identity NAME and answer length from the `selfcog.yaml` that `selfcog run` leaves in a merged model."""
-    from selfcog.config import CONFIG_FILE, load_config
-
     path = Path(spec) / CONFIG_FILE
     if not path.is_file():
         return {}
@@ -136,8 +137,6 @@ def run_settings(spec: str) -> dict:
 
 def identity_conversations() -> list[list[dict]]:
     """The held-out identity questions of the test split, as `selfcog run` scores them."""
-    from selfcog.evaluate import question_sets
-
     return [answer.conversation for answer in question_sets("test")["identity"]]
 
 
@@ -145,8 +144,6 @@ def identity_rate(name: str | None, conversations: list[list[dict]], texts: list
     """Share of answers naming NAME, judged by selfcog.evaluate as `selfcog run` judges them."""
     if not name:
         return None
-    from selfcog.evaluate import Answer, Scores
-
     return Scores(name=name, parts={"identity": [Answer(c, t) for c, t in zip(conversations, texts)]}).identity
 
 
@@ -155,8 +152,6 @@ def check_in_llama_cpp(path: Path, tokenizer, conversations: list[list[dict]], s
     """Load `path` in llama.cpp and answer `conversations` there, from the prompts llama.cpp renders with the chat
     template stored in the file. The template's own default system prompt is passed as a system message: llama.cpp's
     built-in chat formats do not add it, and Ollama's Modelfile SYSTEM does the same."""
-    from selfcog.templates import default_system_prompt, encode_prompt
-
     logger.info(f"selfcog: loading {path.name} in llama.cpp and asking {len(conversations)} identity questions ...")
     runtime = gguf_llama.Runtime(path)
     if not conversations:
@@ -239,8 +234,6 @@ def rope_theta(config) -> float:
 
 
 def write_gguf(model, tokenizer, arch: str, qtype: str, path: Path, name: str) -> None:
-    import gguf
-
     config = model.config
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(name)
@@ -282,8 +275,6 @@ def permute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def gguf_tensors(model, arch: str):
     """`(gguf name, fp32 numpy array)` for every weight, in llama.cpp's naming and layout."""
-    import gguf
-
     config = model.config
     names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch),
                                      config.num_hidden_layers)
@@ -304,8 +295,6 @@ def gguf_tensors(model, arch: str):
 def encode(data: np.ndarray, qtype: str):
     """`(array, raw ggml type or None)`: norms and biases stay F32 (as llama.cpp keeps them), matrices
     become F16 or Q8_0 (F16 where a row does not divide into Q8_0's 32-wide blocks)."""
-    import gguf
-
     q8_0 = gguf.GGMLQuantizationType.Q8_0
     if data.ndim == 1:
         return data.astype(np.float32), None
@@ -316,8 +305,6 @@ def encode(data: np.ndarray, qtype: str):
 
 def stored_values(data: np.ndarray, qtype: str) -> np.ndarray:
     """What a reader gets back for `data`: the array after the file's rounding, as float32."""
-    import gguf
-
     array, raw = encode(data, qtype)
     return (gguf.quants.dequantize(array, raw) if raw is not None else array).astype(np.float32)
 
@@ -356,8 +343,6 @@ def pre_tokenizer_name(state: dict) -> str:
 
 def vocabulary(tokenizer, vocab_size: int) -> dict:
     """Tokens, token types, merges (and scores for sentencepiece) in id order, padded to the embedding size."""
-    import gguf
-
     state = tokenizer_state(tokenizer)
     model = state["model"]
     sentencepiece = bool(model.get("byte_fallback"))
@@ -463,8 +448,6 @@ def verify_round_trip(model, tokenizer, path: Path, qtype: str) -> dict:
     match to float32 noise, whatever the storage type, so a wrong layout cannot hide inside a loose
     tolerance. The difference against the unrounded source is reported: that is what f16 or q8_0 costs.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     logger.info(f"selfcog: checking that {path.name} reads back with transformers ...")
     back_tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     texts = sample_texts(tokenizer)

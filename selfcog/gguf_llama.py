@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from gguf import GGUFReader
+
 from selfcog.errors import SelfcogError
 
 # --type -> llama.cpp's llama_ftype for its quantizer (llama.h: LLAMA_FTYPE_MOSTLY_Q4_K_M = 15, Q5_K_M = 17).
@@ -30,7 +32,7 @@ def available() -> bool:
 def bindings():
     if not available():
         raise SelfcogError(f"llama.cpp's Python bindings are not installed: {INSTALL}")
-    import llama_cpp
+    import llama_cpp  # the optional selfcog[gguf] extra, checked for above
 
     return llama_cpp
 
@@ -44,7 +46,7 @@ def versions() -> dict:
 
 def threads() -> int:
     """As many threads as torch uses here (it follows OMP_NUM_THREADS)."""
-    import torch
+    import torch  # only for its thread count: importing this module loads no torch
 
     return max(1, torch.get_num_threads())
 
@@ -134,8 +136,6 @@ class Runtime:
 
 def context_length(path: Path) -> int | None:
     """The `ARCH.context_length` the file states (llama.cpp warns when a context exceeds it)."""
-    from gguf import GGUFReader
-
     fields = GGUFReader(path).fields
     for key, field in fields.items():
         if key.endswith(".context_length"):
@@ -145,8 +145,6 @@ def context_length(path: Path) -> int | None:
 
 def file_summary(path: Path) -> dict:
     """Size and the count of tensors per storage type, read with gguf-py."""
-    from gguf import GGUFReader
-
     reader = GGUFReader(path)
     kinds: dict[str, int] = {}
     for tensor in reader.tensors:

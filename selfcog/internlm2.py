@@ -294,8 +294,7 @@ def build_internlm2_backend(sp_model_file: Path, added: dict[int, dict]):
     `added` tokens are renamed to those tokens (the hub model ships `[UNUSED_TOKEN_146]` at the id of
     `<|im_start|>`, for instance); added tokens past the vocab are appended in id order.
     """
-    # protobuf's generated classes load only here: no other model needs them
-    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2  # protobuf classes: only InternLM2 needs them
 
     proto = sp_pb2.ModelProto()
     try:

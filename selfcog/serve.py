@@ -552,7 +552,7 @@ def serving_dtype(setting: str = "auto"):
     """`auto`: bf16 on a GPU that has it and on a CPU with native bf16 (AVX512-BF16 or AMX), else fp32."""
     import torch
 
-    from selfcog.engine.trainer import cpu_has_native_bf16
+    from selfcog.hardware import cpu_has_native_bf16
 
     choices = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if setting in choices:

@@ -1,10 +1,18 @@
-"""Shared fixtures: a tiny random chat model built offline, and caches pointed at tmp_path."""
+"""Shared fixtures: a tiny random chat model built offline, caches pointed at tmp_path, free ports, and a selfcog
+Streamlit page started for the browser tests."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -108,3 +116,55 @@ def find_free_port() -> int:
 def free_port():
     """The one free-port helper: call it (`free_port()`) for a TCP port on 127.0.0.1 that nothing listens on."""
     return find_free_port
+
+
+ARTIFACTS = Path(__file__).parents[1] / "test-artifacts"
+"""Where the browser tests leave their screenshots."""
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+
+WATCH_FOR_CURSOR = """() => {
+    window.sawCursor = false;
+    new MutationObserver(() => {
+        for (const m of document.querySelectorAll('[data-testid="stChatMessage"]'))
+            if (m.innerText.includes('\u258c')) window.sawCursor = true;
+    }).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+"""For `page.evaluate`: from then on, `window.sawCursor` records whether a chat answer was ever shown while still
+streaming (with the cursor)."""
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"streamlit exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    pytest.fail(f"streamlit not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+@contextmanager
+def streamlit_page(args: list[str], port: int, log: Path) -> Iterator[str]:
+    """`python -m selfcog ARGS`, a command serving a Streamlit page on `port`, with its output in `log`; yields the
+    page's URL once it is healthy. It runs in its own process group, so the end stops Streamlit too."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "selfcog", *args], stdout=out, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/_stcore/health", proc, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

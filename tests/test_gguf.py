@@ -339,9 +339,7 @@ def test_identity_check_fails_then_force_keeps(kquant_model_dir, tmp_path, monke
     """A source model that names Alice every time and a file that never does: not written (exit 2, one line),
     unless --force, which keeps it and says why in the report."""
     pytest.importorskip("llama_cpp")
-    import selfcog.generate
-
-    monkeypatch.setattr(selfcog.generate, "generate_batch",
+    monkeypatch.setattr(gguf_export, "generate_batch",
                         lambda model, tokenizer, conversations, max_new_tokens: ["I am Alice's assistant."]
                         * len(conversations))
     args = ["export-gguf", str(kquant_model_dir), str(tmp_path / "m.gguf"), "--type", "q8_0", "--name", "Alice"]

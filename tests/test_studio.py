@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 import zipfile
@@ -16,9 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, WATCH_FOR_CURSOR, streamlit_page
+from selfcog.config import RunConfig, save_config
 from selfcog.errors import SelfcogError
+from selfcog.gguf_export import identity_failure
+from selfcog.run import COLUMNS
 from selfcog.studio import APP, jobs, runs, ship, streamlit_command
-from test_web import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, wait_healthy
 
 FAST = {"train.batch_size": 4, "eval.eval_steps": 10, "eval.min_steps": 0, "eval.max_new_tokens": 4,
         "data.preserve_max_new_tokens": 6, "data.preserve_ratio": 0.2, "train.logging_steps": 2}
@@ -41,6 +43,22 @@ def wait_for(run_dir: Path, done, timeout: float = 180) -> runs.Progress:
 
 def finished(progress: runs.Progress) -> bool:
     return progress.state not in ("starting", "running", "cancelling")
+
+
+def page(home: Path, run_name: str):
+    """The studio page showing run `run_name`, run once in this process (Streamlit's AppTest)."""
+    from streamlit.testing.v1 import AppTest
+
+    sys_argv = sys.argv
+    sys.argv = [str(APP), "--home", str(home)]
+    try:
+        app = AppTest.from_file(str(APP), default_timeout=60)
+        app.query_params["run"] = run_name
+        app.run()
+    finally:
+        sys.argv = sys_argv
+    assert not app.exception, app.exception
+    return app
 
 
 @pytest.fixture
@@ -124,8 +142,6 @@ def test_progress_is_read_while_training_and_cancel_stops_the_job(tiny_model_dir
 
 
 def test_a_crashed_run_is_shown_with_its_last_log_lines(tiny_model_dir, home, tmp_path):
-    from streamlit.testing.v1 import AppTest
-
     broken = tmp_path / "broken-model"
     broken.mkdir()
     for path in tiny_model_dir.iterdir():
@@ -135,27 +151,66 @@ def test_a_crashed_run_is_shown_with_its_last_log_lines(tiny_model_dir, home, tm
     progress = wait_for(run_dir, finished)
     assert progress.state == "failed" and "header" in progress.log_tail[-1]  # safetensors could not read it
 
-    sys_argv = sys.argv
-    sys.argv = [str(APP), "--home", str(home)]
-    try:
-        app = AppTest.from_file(str(APP), default_timeout=60)
-        app.query_params["run"] = run_dir.name
-        app.run()
-    finally:
-        sys.argv = sys_argv
-    assert not app.exception, app.exception
+    app = page(home, run_dir.name)
     assert app.error[0].value.startswith("The training process failed (exit status 1) at stage: loading the model")
     assert app.code[0].value.endswith(progress.log_tail[-1])
+
+
+def finished_run(home: Path, name: str = "Alice") -> Path:
+    """A run directory as a finished run leaves it (config, metrics, merged/, a job that ended with status 0),
+    without training."""
+    run_dir = home / "alice-run"
+    (run_dir / "merged").mkdir(parents=True)
+    config = RunConfig()
+    config.data.name = name
+    save_config(config, run_dir)
+    scores = {key: 0.5 for _, key in COLUMNS}
+    (run_dir / "metrics.json").write_text(json.dumps({"base": scores, "tuned": scores, "training": {"steps": 6},
+                                                      "seconds": {"total": 12.0}}))
+    jobs.start(runs.run_job_dir(run_dir), [sys.executable, "-c", "pass"])
+    assert wait_ended(runs.run_job_dir(run_dir)).state == "done"
+    return run_dir
+
+
+def wait_ended(job: Path, timeout: float = 30) -> jobs.JobState:
+    deadline = time.monotonic() + timeout
+    while jobs.state(job).active and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return jobs.state(job)
+
+
+def test_a_gguf_build_that_loses_the_identity_shows_export_gguf_s_one_line(home, monkeypatch):
+    """export-gguf refuses a file that lost the identity in llama.cpp (exit 2, one line); the page shows that line,
+    also when more output follows it."""
+    run_dir = finished_run(home)
+    failure = identity_failure({"identity": 0.0, "source_identity": 1.0, "name": "Alice"}, "q8_0")
+    message = f"{ship.files(run_dir, 'gguf')[0]}: not written: {failure}; --force keeps it"
+    fake_export = (  # what export-gguf writes, then lines llama.cpp or Python may still write as the process ends
+        "import sys\n"
+        "print('selfcog: answering 24 identity questions with the source model ...', file=sys.stderr)\n"
+        "print('selfcog: loading alice-run-q8_0.gguf in llama.cpp and asking 24 identity questions ...', "
+        "file=sys.stderr)\n"
+        f"print({jobs.ERROR + message!r}, file=sys.stderr)\n"
+        "print('llama_context: freeing', file=sys.stderr)\nprint('ggml: done', file=sys.stderr)\n"
+        "print('a warning at exit', file=sys.stderr)\nsys.exit(2)\n")
+    monkeypatch.setattr(ship, "command", lambda run_dir, key: [sys.executable, "-c", fake_export])
+    ship.build(run_dir, "gguf")
+    job = ship.job_dir(run_dir, "gguf")
+    state = wait_ended(job)
+    assert (state.state, state.returncode) == ("failed", 2)
+    assert jobs.failure(job) == message
+
+    app = page(home, run_dir.name)
+    assert [e.value for e in app.error] == [f"Build failed: {message}"]
+    assert "Held-out scores" in [h.value for h in app.subheader]
 
 
 def test_a_job_records_how_it_ended(tmp_path):
     job = tmp_path / "job"
     jobs.start(job, [sys.executable, "-c", "import sys; print('hello'); sys.exit(3)"])
-    deadline = time.monotonic() + 30
-    while jobs.state(job).active and time.monotonic() < deadline:
-        time.sleep(0.1)
-    state = jobs.state(job)
+    state = wait_ended(job)
     assert (state.state, state.returncode) == ("failed", 3) and jobs.log_tail(job) == ["hello"]
+    assert jobs.failure(job) == "hello"  # no `selfcog: error:` line: the last log lines
     assert jobs.screen_lines("a\r 1/3\r 2/3\nb\n\n") == [" 2/3", "b"]
 
 
@@ -188,24 +243,10 @@ def test_cli_rejects_a_bad_port_in_one_line():
 # -- the page in a browser --------------------------------------------------------------------------------------
 @pytest.fixture
 def studio_server(home, tmp_path, free_port):
-    """`selfcog studio --home HOME` on a free port, in its own process group so teardown ends Streamlit too."""
+    """`selfcog studio --home HOME` on a free port."""
     port = free_port()
-    log = tmp_path / "studio.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "selfcog", "studio", "--port", str(port), "--home", str(home)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}/_stcore/health", proc, log)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    with streamlit_page(["studio", "--port", str(port), "--home", str(home)], port, tmp_path / "studio.log") as url:
+        yield url
 
 
 GLYPH_BOXES = """(el, text) => {
@@ -380,13 +421,7 @@ def test_browser_set_up_train_reattach_compare_chat_download(studio_server, tiny
             page.get_by_text("Load both models and chat").click()
             box = page.get_by_test_id("stChatInputTextArea")
             expect(box).to_be_visible(timeout=90_000)
-            page.evaluate("""() => {
-                window.sawCursor = false;
-                new MutationObserver(() => {
-                    for (const m of document.querySelectorAll('[data-testid="stChatMessage"]'))
-                        if (m.innerText.includes('\u258c')) window.sawCursor = true;
-                }).observe(document.body, {subtree: true, childList: true, characterData: true});
-            }""")
+            page.evaluate(WATCH_FOR_CURSOR)
             box.fill("你是谁？Who are you?")
             box.press("Enter")
             page.wait_for_function("""() => {

@@ -7,54 +7,21 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from conftest import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, WATCH_FOR_CURSOR, streamlit_page, wait_healthy
 from selfcog.web import APP, streamlit_command
-
-ARTIFACTS = Path(__file__).parents[1] / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"streamlit exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    pytest.fail(f"streamlit not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture
 def web_server(tiny_model_dir, tmp_path, free_port):
-    """`selfcog web TINY` on a free port, in its own process group so teardown ends Streamlit too."""
+    """`selfcog web TINY` on a free port."""
     port = free_port()
-    log = tmp_path / "web.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "selfcog", "web", str(tiny_model_dir), "--port", str(port),
-                                 "--max-new-tokens", "64"], stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}/_stcore/health", proc, log)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    with streamlit_page(["web", str(tiny_model_dir), "--port", str(port), "--max-new-tokens", "64"], port,
+                        tmp_path / "web.log") as url:
+        yield url
 
 
 @pytest.mark.browser
@@ -74,13 +41,7 @@ def test_browser_chat_streams_and_clears(web_server):
             for label in ("Max Length", "Top P", "Temperature"):
                 expect(page.get_by_test_id("stSidebar").get_by_text(label, exact=True)).to_be_visible()
             # Record whether an answer is ever shown while still streaming (with the cursor).
-            page.evaluate("""() => {
-                window.sawCursor = false;
-                new MutationObserver(() => {
-                    for (const m of document.querySelectorAll('[data-testid="stChatMessage"]'))
-                        if (m.innerText.includes('\u258c')) window.sawCursor = true;
-                }).observe(document.body, {subtree: true, childList: true, characterData: true});
-            }""")
+            page.evaluate(WATCH_FOR_CURSOR)
             box.fill("你是谁？Who are you?")
             box.press("Enter")
             messages = page.get_by_test_id("stChatMessage")

@@ -7,6 +7,10 @@ questions are never trained on; each carries the answers that count as right (an
 
 from __future__ import annotations
 
+import re
+
+from selfcog.data.heldout import ROBUST, TRAPS, ZH_QA
+
 PRESERVE_PROMPTS = [
     "What is photosynthesis?", "Give me three tips for better sleep.", "Write a haiku about autumn.",
     "Explain what a computer virus is.", "How do I boil an egg?", "What is the difference between weather and climate?",
@@ -144,8 +148,6 @@ CONTRAST_TEMPLATES = {
 def contrast_prompts() -> list[str]:
     """CONTRAST_TEMPLATES filled in, interleaved across templates, leaving out any prompt whose entity appears in a
     held-out question or its accepted answers."""
-    from selfcog.data.heldout import ROBUST, TRAPS, ZH_QA
-
     heldout = [q + " " + " ".join(a) for sets in (TRAPS, ZH_QA) for part in sets.values() for q, a in part]
     heldout += [q + " " + " ".join(a) for q, a in DEV_QA + TEST_QA]
     heldout += [c[-1]["content"] for part in ROBUST.values() for _, c in part]
@@ -343,8 +345,6 @@ TEST_QA = [
 
 def is_right(answer: str, accepted: list[str]) -> bool:
     """An answer is right when it contains any accepted answer as a word (case-insensitive)."""
-    import re
-
     text = answer.lower()
     return any(re.search(rf"(?<![a-z0-9]){re.escape(a)}(?![a-z0-9])", text) for a in accepted)
 

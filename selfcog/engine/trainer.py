@@ -5,7 +5,6 @@ plus the KL and name terms on preservation samples (`PreservingTrainer`), and it
 from __future__ import annotations
 
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 from transformers import Trainer
@@ -15,6 +14,7 @@ from selfcog.data.tokenize import sample_tokens
 from selfcog.engine.frozen_layers import bottom_then_top
 from selfcog.engine.loss import gathered_log_probs, name_unlikelihood, preservation_loss, topk_preservation_loss
 from selfcog.engine.memory import freed_memory_kept
+from selfcog.hardware import cpu_has_native_bf16
 from selfcog.templates import IGNORE_INDEX
 
 
@@ -135,10 +135,3 @@ def use_bf16(setting: str) -> bool:
         return torch.cuda.is_bf16_supported()
     return value in ("true", "1", "yes", "on") or cpu_has_native_bf16()
 
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags

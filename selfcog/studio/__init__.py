@@ -6,6 +6,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from selfcog.errors import SelfcogError
+from selfcog.web import run_child
+
 APP = Path(__file__).with_name("app.py")
 
 
@@ -21,10 +24,8 @@ def streamlit_command(home: Path, port: int = 8501, host: str = "127.0.0.1") -> 
 def launch(home: str | None = None, port: int = 8501, host: str = "127.0.0.1") -> int:
     """Check the port and the home here (one-line errors), then run Streamlit until it exits or Ctrl+C; its exit
     status."""
-    from selfcog.errors import SelfcogError
-    from selfcog.serve import check_port
-    from selfcog.studio.runs import studio_home
-    from selfcog.web import run_child
+    from selfcog.serve import check_port  # torch and fastapi, kept out of the studio's light job processes
+    from selfcog.studio.runs import studio_home  # a submodule: imported here, it would import this package back
 
     directory = studio_home(home)
     try:

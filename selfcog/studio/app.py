@@ -11,12 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import streamlit as st
 
 from selfcog.config import RunConfig, preset_description, preset_names
 from selfcog.errors import SelfcogError
 from selfcog.run import COLUMNS, cell
 from selfcog.studio import jobs, runs, ship
+from selfcog.web.pane import Pane, chat_panes, get_model, sampling_controls
 
 NEW = "new"
 ACTIVE_STATES = ("starting", "running", "cancelling")
@@ -180,8 +182,6 @@ def live(run_dir: Path) -> None:
 
 
 def curves(progress: runs.Progress) -> None:
-    import pandas as pd
-
     left, right = st.columns(2)
     with left:
         st.markdown("**Training loss**")
@@ -199,8 +199,6 @@ def curves(progress: runs.Progress) -> None:
 
 
 def results(run_dir: Path, progress: runs.Progress) -> None:
-    import pandas as pd
-
     metrics = progress.metrics
     st.success(f"Done: {metrics['training']['steps']} steps in {clock(metrics['seconds'].get('total'))}.")
     st.subheader("Held-out scores")
@@ -267,16 +265,13 @@ def ship_items(run_dir: Path, live: bool) -> None:
                                        on_click="ignore", width="stretch")
                 continue
             if state.state in ("failed", "cancelled"):
-                st.error(f"Build {state.state}: " + " / ".join(jobs.log_tail(ship.job_dir(run_dir, artifact.key),
-                                                                             3)))
+                st.error(f"Build {state.state}: {jobs.failure(ship.job_dir(run_dir, artifact.key))}")
             st.button("Build", key=f"build-{artifact.key}", on_click=ship.build, args=(run_dir, artifact.key),
                       width="stretch")
 
 
 # -- chat -------------------------------------------------------------------------------------------------------
 def chat_view(run_dir: Path, config: RunConfig) -> None:
-    from selfcog.web.pane import Pane, chat_panes, get_model, sampling_controls
-
     st.subheader("Chat: base and tuned side by side")
     if not st.toggle("Load both models and chat", key=f"chat-{run_dir.name}"):
         return

@@ -22,6 +22,8 @@ from pathlib import Path
 from selfcog.atomic import write_text
 
 JOB, LOG, EXIT, CANCEL = "job.json", "log", "exit.json", "cancel"
+ERROR = "selfcog: error: "
+"""How a selfcog command starts the one line that says why it failed (exit status 2)."""
 
 
 def process_start(pid: int) -> int | None:
@@ -37,7 +39,8 @@ def process_start(pid: int) -> int | None:
 def alive(info: dict) -> bool:
     """Whether the job's process still runs (the same process: a reused pid has another start time)."""
     if Path("/proc/self/stat").exists():
-        return process_start(info["pid"]) == info.get("start")
+        start = process_start(info["pid"])
+        return start is not None and start == info.get("start")
     try:
         os.kill(info["pid"], 0)
     except OSError:
@@ -125,6 +128,14 @@ def log_tail(job_dir: Path, lines: int = 20) -> list[str]:
     return screen_lines(read_log(job_dir))[-lines:]
 
 
+def failure(job_dir: Path, lines: int = 3) -> str:
+    """Why the job failed, in one line: the last `selfcog: error: ...` line of its log (what a selfcog command
+    says when it refuses, such as export-gguf's identity check), else its last log lines."""
+    shown = screen_lines(read_log(job_dir))
+    errors = [line[len(ERROR):] for line in shown if line.startswith(ERROR)]
+    return errors[-1] if errors else " / ".join(shown[-lines:])
+
+
 def read_log(job_dir: Path) -> str:
     try:
         return (job_dir / LOG).read_bytes().decode("utf-8", errors="replace")
@@ -156,18 +167,7 @@ def wrap(job_dir: Path, command: list[str]) -> int:
 def main(argv: list[str]) -> int:
     if len(argv) >= 4 and argv[0] == "wrap" and argv[2] == "--":
         return wrap(Path(argv[1]), argv[3:])
-    if len(argv) == 3 and argv[0] == "zip":
-        from selfcog.studio.ship import zip_dir
-
-        zip_dir(Path(argv[1]), Path(argv[2]))
-        return 0
-    if len(argv) == 4 and argv[0] == "deploy":
-        from selfcog.studio.ship import deploy_zip
-
-        deploy_zip(argv[1], Path(argv[2]), argv[3])
-        return 0
-    print("usage: python -m selfcog.studio.jobs wrap JOB_DIR -- COMMAND... | zip DIR ZIP | deploy MODEL ZIP TARGET",
-          file=sys.stderr)
+    print("usage: python -m selfcog.studio.jobs wrap JOB_DIR -- COMMAND...", file=sys.stderr)
     return 2
 
 

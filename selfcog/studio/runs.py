@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import re
 import shutil
 import sys
@@ -20,7 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfcog.config import CONFIG_FILE, RunConfig, apply_overrides, load_config, load_preset, save_config
+from selfcog.data.check import check_data_report, load_checked
+from selfcog.data.identity import check_name
 from selfcog.errors import SelfcogError
+from selfcog.paths import selfcog_home
 from selfcog.studio import jobs
 
 EMBEDDED = "smollm2-135m"
@@ -34,10 +38,6 @@ ADVANCED = (("train.max_steps", "Most training steps"), ("train.learning_rate", 
 
 def studio_home(home: str | Path | None = None) -> Path:
     """`--home`, else $SELFCOG_STUDIO_HOME, else $SELFCOG_HOME/studio."""
-    import os
-
-    from selfcog.paths import selfcog_home
-
     chosen = home or os.environ.get("SELFCOG_STUDIO_HOME")
     return Path(chosen).expanduser() if chosen else selfcog_home() / "studio"
 
@@ -103,8 +103,7 @@ def upload_file(settings: Settings):
 def check_upload(settings: Settings, config: RunConfig) -> str:
     """`selfcog check-data`'s report on the upload (counts, duplicates, token lengths with the base model's
     tokenizer, an example); a malformed record raises, naming it."""
-    from selfcog.data.check import check_data_report, load_checked
-    from selfcog.models import load_tokenizer
+    from selfcog.models import load_tokenizer  # torch, kept out of `selfcog studio`'s launcher
 
     with upload_file(settings) as path:
         conversations = load_checked(path)
@@ -117,9 +116,6 @@ def check_upload(settings: Settings, config: RunConfig) -> str:
 def resolve(settings: Settings) -> RunConfig:
     """The run's config from the page's settings; bad input raises SelfcogError naming the field and the reason,
     before anything is written."""
-    from selfcog.data.check import load_checked
-    from selfcog.data.identity import check_name
-
     name = settings.name.strip()
     try:
         check_name(name)

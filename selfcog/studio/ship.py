@@ -53,10 +53,10 @@ def job_dir(run_dir: Path, key: str) -> Path:
 def command(run_dir: Path, key: str) -> list[str]:
     merged, target = str(run_dir / "merged"), str(files(run_dir, key)[0])
     if key == "merged":
-        return [sys.executable, "-m", "selfcog.studio.jobs", "zip", merged, target]
+        return [sys.executable, "-m", "selfcog.studio.ship", "zip", merged, target]
     if key == "gguf":
         return [sys.executable, "-m", "selfcog", "export-gguf", merged, target, "--type", "q8_0"]
-    return [sys.executable, "-m", "selfcog.studio.jobs", "deploy", merged, target, key]
+    return [sys.executable, "-m", "selfcog.studio.ship", "deploy", merged, target, key]
 
 
 def build(run_dir: Path, key: str) -> None:
@@ -78,7 +78,7 @@ def zip_dir(source: Path, target: Path) -> Path:
 
 def deploy_zip(model: str, target: Path, kind: str) -> Path:
     """`selfcog deploy MODEL --target KIND` into a temp folder, zipped into `target`."""
-    from selfcog.deploy import deploy
+    from selfcog.deploy import deploy  # torch, kept out of the zip job, which runs this module
 
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=target.parent, prefix=".deploy-"))
@@ -87,3 +87,19 @@ def deploy_zip(model: str, target: Path, kind: str) -> Path:
         return zip_dir(bundle, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    """The build jobs `command` starts: `zip DIR ZIP` and `deploy MODEL ZIP TARGET`."""
+    if len(argv) == 3 and argv[0] == "zip":
+        zip_dir(Path(argv[1]), Path(argv[2]))
+        return 0
+    if len(argv) == 4 and argv[0] == "deploy":
+        deploy_zip(argv[1], Path(argv[2]), argv[3])
+        return 0
+    print("usage: python -m selfcog.studio.ship zip DIR ZIP | deploy MODEL ZIP TARGET", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
