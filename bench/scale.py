@@ -19,15 +19,18 @@ Every stage runs in a process of its own, so each one's peak RSS (VmHWM, reset b
   `Trainer` + PEFT LoRA with the same rank, targets and layers, same samples, batch and seed, padded batches and
   the model's own loss. Each round is 1 warm-up step, then `--steps` timed ones.
 - `merge`: the adapter folded in and the fp32 merged model written (`selfcog.export.save_merged`), then the merged
-  model loaded back, as `selfcog run` does, and one generation batch timed (the merged model's evaluation).
+  model loaded back, as `selfcog run` does, and one generation batch timed (the merged model's evaluation). It is
+  read back in the base's dtype; `selfcog run` reads it back in fp32 whatever `model.dtype` is, so there the fp32
+  precision's read-back and generation speed apply.
 
 The training data is what `selfcog run --name Alice` builds (identity records, robustness forms, 2.25
 preservation samples per identity sample) with the preservation answers the embedded model gave (`--answers
 smollm2-135m`, read from its cache; a random model's answers are noise), tokenized by the 1.8B-shape tokenizer.
 `--steps` x `--batch` samples drawn from it (seeded) are the trained subset.
 
-`--precision`: `bf16` = base weights in bf16 and bf16 autocast (a CPU with native bf16); `fp32` = fp32 base, no
-autocast (what a CPU without native bf16 runs); `fp32-autocast` = fp32 base under bf16 autocast.
+`--precision`: `bf16` = base weights in bf16 (`model.dtype=bfloat16`) and bf16 autocast (a CPU with native bf16);
+`fp32` = fp32 base, no autocast (what a CPU without native bf16 runs); `fp32-autocast` = fp32 base under bf16
+autocast.
 
     nice -n 10 python bench/scale.py --precision bf16,fp32        # ~25 minutes on 2 cores
     python bench/scale.py --shape tiny --answers none --out /tmp/scale.json   # seconds: the machinery only
@@ -146,13 +149,16 @@ def run_config(precision: str, batch: int, steps: int):
     config = RunConfig()
     config.data.name = NAME
     config.train.batch_size, config.train.max_steps, config.train.logging_steps = batch, steps, 10_000
+    config.model.dtype = "bfloat16" if precision == "bf16" else "float32"  # what `selfcog run` loads the base in
     config.train.bf16 = "false" if precision == "fp32" else "true"
     config.eval.eval_steps = 0  # dev checks are timed as generation in the first-run stage
     return config
 
 
 def dtype_of(precision: str) -> torch.dtype:
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+    from selfcog.engine.trainer import base_dtype
+
+    return base_dtype(run_config(precision, 8, 1).model.dtype)
 
 
 def conversations(tokenizer, answers: str) -> tuple[list[list[dict]], list[list[dict]]]:
@@ -247,7 +253,7 @@ def first_run(args) -> dict:
         model, tokenizer = load(Path(args.model_dir), args.precision)
     data = dataset(Path(args.model_dir), tokenizer, args)
     examples = subset(data, args.batch * args.steps)
-    fingerprint = model_fingerprint(model.name_or_path)
+    fingerprint = model_fingerprint(model.name_or_path, model.dtype)
     autocast = args.precision == "fp32-autocast"
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), stages("base_answers_prefill_one_batch"):
         generation_seconds(model, tokenizer, 1)
@@ -342,7 +348,7 @@ def train(args) -> dict:
     trainer_args = training_args(config, work)
     if args.contender == "selfcog":
         with stages("prepare_cached"):
-            fingerprint = model_fingerprint(model.name_or_path)
+            fingerprint = model_fingerprint(model.name_or_path, model.dtype)
             examples = attach_base_topk(model, examples, config.train.kl_top_k, fingerprint)
             frozen = frozen_below(model, config, examples)
             if frozen:

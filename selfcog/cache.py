@@ -19,9 +19,16 @@ from selfcog.paths import COMPLETE_MARKER, selfcog_home
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 
-def model_fingerprint(source: str) -> str | None:
-    """A stable id of a local model's weights, or None (hub ids, unknown layouts: no caching)."""
-    path = Path(source)
+def model_fingerprint(source: str, dtype=None) -> str | None:
+    """A stable id of a local model's weights, or None (hub ids, unknown layouts: no caching). Weights run in a
+    `dtype` other than fp32 (a torch dtype or its name) get an id of their own, as their answers and log-probs
+    differ; fp32 (or None) keeps the plain id."""
+    fingerprint = weights_fingerprint(Path(source))
+    name = str(dtype).removeprefix("torch.")
+    return fingerprint if fingerprint is None or dtype is None or name == "float32" else f"{fingerprint}:{name}"
+
+
+def weights_fingerprint(path: Path) -> str | None:
     if not path.is_dir():
         return None
     marker = path / COMPLETE_MARKER

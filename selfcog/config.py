@@ -21,6 +21,8 @@ class ModelArgs:
     """Base model: `smollm2-135m` (embedded), a local HF directory, a local .gguf file, or a hub id."""
     trust_remote_code: bool = False
     """Pass `trust_remote_code` to transformers (hub models with custom code)."""
+    dtype: str = "float32"
+    """`selfcog run`'s base weights: `float32`, `bfloat16` (half the memory; LoRA stays fp32), `auto` (bf16 if native)."""
 
 
 @dataclass
@@ -197,6 +199,9 @@ def from_dict(data: dict, source: str = "config") -> RunConfig:
     return config
 
 
+CHOICES = {"model.dtype": ("float32", "bfloat16", "auto")}
+"""Settings that take one of a few words; any other value is an error naming the setting."""
+
 BOOL_SPELLINGS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False,
                   "0": False}
 
@@ -239,6 +244,8 @@ def set_value(config: RunConfig, dotted: str, value, source: str = "--set") -> N
     except ValueError:
         kind = "bool (true/false, yes/no, on/off, 1/0)" if isinstance(current, bool) else type(current).__name__
         raise SelfcogError(f"{source}: '{dotted}' needs a {kind}, got {value!r}") from None
+    if dotted in CHOICES and value not in CHOICES[dotted]:
+        raise SelfcogError(f"{source}: '{dotted}' needs one of {', '.join(CHOICES[dotted])}, got {value!r}")
     setattr(target, key, value)
 
 

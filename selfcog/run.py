@@ -23,6 +23,7 @@ from selfcog.data.identity import Persona, check_name, dumps, identity_records, 
 from selfcog.data.preserve import preservation_conversations
 from selfcog.data.tokenize import build_examples
 from selfcog.distributed import liger_args
+from selfcog.engine.trainer import base_dtype
 from selfcog.errors import SelfcogError
 from selfcog.evaluate import Scores, score
 from selfcog.export import save_merged
@@ -74,6 +75,7 @@ def run(config: RunConfig) -> Path:
     """Give the base model NAME's identity; returns the output directory holding merged/, report.md, metrics.json."""
     check_name(config.data.name)
     liger_args(config.train.liger_kernel)  # fails in one line before any slow work
+    dtype = base_dtype(config.model.dtype)
     out = prepare_out(Path(config.out))
     name = config.data.name
     timings: dict[str, float] = {}
@@ -85,15 +87,14 @@ def run(config: RunConfig) -> Path:
         return now
 
     t = time.perf_counter()
-    model, tokenizer = load_model(config.model.spec, dtype=torch.float32,
-                                  trust_remote_code=config.model.trust_remote_code)
+    model, tokenizer = load_model(config.model.spec, dtype=dtype, trust_remote_code=config.model.trust_remote_code)
     if config.data.system_prompt and set_default_system_prompt(tokenizer, config.data.system_prompt):
         logger.info(f"selfcog: default system prompt is now {config.data.system_prompt!r} (training, evaluation, exports)")
     t = lap("load", t)
     identity = identity_data(config, out)
     save_config(config, out)
     logger.info(f"selfcog: {len(identity)} identity conversations; scoring the base model ...")
-    fingerprint = model_fingerprint(model.name_or_path)
+    fingerprint = model_fingerprint(model.name_or_path, dtype)  # bf16 answers and log-probs are cached apart
     splits = ("test", "fresh") if config.eval.fresh else ("test",)
     base_scores = {split: score(model, tokenizer, name, split, config.eval.max_new_tokens, fingerprint=fingerprint)
                    for split in splits}
@@ -113,7 +114,7 @@ def run(config: RunConfig) -> Path:
     peft_model, summary = fit(config, model, tokenizer, examples + kept, out, base_dev, fingerprint)
     t = lap("train", t)
 
-    save_merged(peft_model, tokenizer, out / "merged", config)
+    save_merged(peft_model, tokenizer, out / "merged", config)  # fp32 whatever the base: read back memory-mapped
     del model, peft_model  # the merged weights in memory go before the merged model is read back: one copy at a time
     gc.collect()
     t = lap("merge", t)

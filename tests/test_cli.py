@@ -127,3 +127,53 @@ def test_report_lines_drop_a_character_cut_at_the_token_limit():
 
     assert shown("我是伍鲜同志的助\ufffd") == "我是伍鲜同志的助"
     assert shown("line one\nline two") == "line one line two"
+
+
+@pytest.mark.parametrize("autocast", ["true", "false"])
+def test_run_with_a_bf16_base_trains_fp32_adapters_and_scores_the_merged_model(tiny_model_dir, tmp_path, monkeypatch,
+                                                                               autocast):
+    import torch
+    from safetensors import safe_open
+
+    import selfcog.run
+
+    seen, loads = {}, []
+    real_fit, real_load = selfcog.run.fit, selfcog.run.load_model
+
+    def fit(config, model, *args):
+        peft_model, summary = real_fit(config, model, *args)
+        params = dict(peft_model.named_parameters())
+        seen["base"] = {p.dtype for name, p in params.items() if "lora_" not in name}
+        seen["adapter"] = {p.dtype for name, p in params.items() if "lora_" in name}
+        return peft_model, summary
+
+    def load_model(spec, **kwargs):
+        loads.append((spec, kwargs["dtype"]))
+        return real_load(spec, **kwargs)
+
+    monkeypatch.setattr(selfcog.run, "fit", fit)
+    monkeypatch.setattr(selfcog.run, "load_model", load_model)
+    out = tmp_path / "out"
+    # top_layers=1: the frozen layer's stored states (bf16) feed the adapted one
+    result = invoke("run", "--name", "Alice", "--model", tiny_model_dir, "--out", out, *FAST,
+                    "--set", "model.dtype=bfloat16", "--set", "lora.top_layers=1", "--set", f"train.bf16={autocast}")
+    assert result.exit_code == 0, result.output
+    assert seen == {"base": {torch.bfloat16}, "adapter": {torch.float32}}
+    assert loads == [(str(tiny_model_dir), torch.bfloat16), (str(out / "merged"), torch.float32)]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["training"]["steps"] == 4 and metrics["training"]["frozen_layers_run_once"] == 1
+    assert {"identity", "retention", "leakage"} <= set(metrics["tuned"])
+    with safe_open(out / "merged" / "model.safetensors", "pt") as f:  # written in fp32, read back as it is
+        assert {f.get_slice(key).get_dtype() for key in f.keys()} == {"F32"}
+
+
+def test_a_bf16_base_caches_apart_and_fp32_keeps_its_keys(tiny_model_dir):
+    import torch
+
+    from selfcog.cache import model_fingerprint
+
+    plain = model_fingerprint(str(tiny_model_dir))
+    assert plain and model_fingerprint(str(tiny_model_dir), torch.float32) == plain == \
+        model_fingerprint(str(tiny_model_dir), "float32")
+    assert model_fingerprint(str(tiny_model_dir), torch.bfloat16) not in (None, plain)
+    assert model_fingerprint("some/hub-id", torch.bfloat16) is None

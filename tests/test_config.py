@@ -122,3 +122,41 @@ def test_run_without_a_name_anywhere_exits_2_with_one_line():
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "--name" in lines[0]
+
+
+@pytest.mark.parametrize("value", ["fp16", "bf16", "Float32", "", 32])
+def test_an_unknown_model_dtype_names_the_setting_and_the_choices(value):
+    config = RunConfig()
+    with pytest.raises(SelfcogError) as caught:
+        set_value(config, "model.dtype", value)
+    message = str(caught.value)
+    assert "\n" not in message and "'model.dtype'" in message and "float32, bfloat16, auto" in message
+    assert repr(str(value)) in message and config.model.dtype == "float32"
+
+
+def test_model_dtype_in_a_yaml_file_and_on_the_command_line(tmp_path):
+    path = tmp_path / "my.yaml"
+    path.write_text("model:\n  dtype: bfloat16\n")
+    assert load_config(path).model.dtype == "bfloat16"
+    path.write_text("model:\n  dtype: half\n")
+    with pytest.raises(SelfcogError, match=r"my\.yaml: 'model\.dtype' needs one of float32, bfloat16, auto"):
+        load_config(path)
+    result = CliRunner().invoke(main, ["run", "--name", "Alice", "--set", "model.dtype=fp16"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "model.dtype" in lines[0] and "'fp16'" in lines[0]
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bfloat16"), (False, "float32")])
+def test_model_dtype_auto_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, native, expected):
+    import torch
+
+    import selfcog.engine.trainer as trainer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: native)
+    assert trainer.base_dtype("auto") == getattr(torch, expected)
+    assert trainer.base_dtype("float32") == torch.float32 and trainer.base_dtype("bfloat16") == torch.bfloat16
+    assert RunConfig().model.dtype == "float32"  # the default keeps the fp32 base
+    with pytest.raises(SelfcogError, match="'model.dtype' needs one of"):
+        trainer.base_dtype("fp16")

@@ -10,10 +10,12 @@ import torch
 from transformers import Trainer
 
 from selfcog.attention import check_used, packed_attention, packed_layout
+from selfcog.config import CHOICES
 from selfcog.data.tokenize import sample_tokens
 from selfcog.engine.frozen_layers import bottom_then_top
 from selfcog.engine.loss import gathered_log_probs, name_unlikelihood, preservation_loss, topk_preservation_loss
 from selfcog.engine.memory import freed_memory_kept
+from selfcog.errors import SelfcogError
 from selfcog.hardware import cpu_has_native_bf16
 from selfcog.templates import IGNORE_INDEX
 
@@ -135,3 +137,13 @@ def use_bf16(setting: str) -> bool:
         return torch.cuda.is_bf16_supported()
     return value in ("true", "1", "yes", "on") or cpu_has_native_bf16()
 
+
+def base_dtype(setting: str) -> torch.dtype:
+    """`model.dtype` as a torch dtype: `auto` is bf16 on a GPU that supports it and on a CPU with native bf16
+    instructions, fp32 elsewhere (where bf16 matmuls are emulated)."""
+    if setting not in CHOICES["model.dtype"]:
+        raise SelfcogError(f"'model.dtype' needs one of {', '.join(CHOICES['model.dtype'])}, got {setting!r}")
+    if setting == "auto":
+        native = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_has_native_bf16()
+        return torch.bfloat16 if native else torch.float32
+    return getattr(torch, setting)
