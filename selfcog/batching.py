@@ -15,6 +15,7 @@ through public APIs only.
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from selfcog.errors import SelfcogError
+from selfcog.templates import encode_prompt
 from selfcog.streaming import (Reply, accepts, base_model, cache_keyword, end_of_turn_ids, logits_processors,
                                next_token, returned_cache)
 
@@ -84,8 +86,6 @@ def batchable(model) -> bool:
 def shared_prefix(tokenizer) -> list[int] | None:
     """The prompt tokens every conversation without its own system prompt starts with: the template's default
     system prompt and the user turn's header (None when that is under 8 tokens or the template fails)."""
-    from selfcog.templates import encode_prompt
-
     try:
         one, two = (encode_prompt(tokenizer, [{"role": "user", "content": text}]) for text in ("Hi.", "不"))
     except Exception:  # noqa: BLE001 - no usable template: no shared prefix
@@ -163,8 +163,6 @@ class BatchEngine:
     def stream(self, ids: list[int], args, max_new_tokens: int, stop: threading.Event | None = None,
                info: dict | None = None, seed: int | None = None, adapter: str | None = None):
         """The reply's text pieces for a caller in another thread (a blocking iterator)."""
-        import queue
-
         out: queue.Queue = queue.Queue()
         request = Request(ids, args, max_new_tokens, out.put, stop or threading.Event(),
                           info if info is not None else {}, seed, adapter)

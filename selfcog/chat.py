@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from selfcog.batching import BASE_ADAPTER
 from selfcog.errors import SelfcogError
 from selfcog.generate import SamplingArgs, stream_chat
 from selfcog.models import load_model
@@ -53,8 +54,6 @@ def load_identities(spec: str, adapters: list[tuple[str, str]], main_name: str, 
 
     The base answers as `main_name` unless an adapter took that name. Without adapters the identities are
     `{main_name: None}`: the model as loaded."""
-    from selfcog.batching import BASE_ADAPTER
-
     model, tokenizer = load_model(spec, dtype=dtype, trust_remote_code=trust_remote_code)
     if not adapters:
         return model, tokenizer, {main_name: None}

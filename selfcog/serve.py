@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import queue
+import socket
 import sys
 import threading
 import time
@@ -26,8 +28,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from selfcog.batching import DONE, BatchEngine, Overloaded
+from selfcog.chat import load_identities, parse_adapters
 from selfcog.errors import SelfcogError
 from selfcog.generate import ContextLengthExceeded, SamplingArgs, plan_prompt
+from selfcog.hardware import cpu_has_native_bf16
 from selfcog.streaming import stream_ids
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -463,8 +467,6 @@ async def complete(job: Job, stops: StopStrings, reply_id: str, model_name: str,
 
 
 def sse(data) -> str:
-    import json
-
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
@@ -515,8 +517,6 @@ async def sse_events(job: Job, stops: StopStrings, reply_id: str, model_name: st
 
 def check_port(host: str, port: int) -> None:
     """Fail early, in one line, when the port cannot be bound."""
-    import socket
-
     if not 0 < port < 65536:
         raise SelfcogError(f"--port {port}: must be 1-65535")
     try:
@@ -534,8 +534,6 @@ def check_port(host: str, port: int) -> None:
 
 def listening(port: int, host: str = "127.0.0.1") -> bool:
     """Whether something accepts connections on `host:port` (closed connections in TIME_WAIT do not count)."""
-    import socket
-
     with socket.socket() as sock:
         if sock.connect_ex((host, port)) == 0:
             return True
@@ -552,7 +550,6 @@ def serving_dtype(setting: str = "auto"):
     """`auto`: bf16 on a GPU that has it and on a CPU with native bf16 (AVX512-BF16 or AMX), else fp32."""
     import torch
 
-    from selfcog.hardware import cpu_has_native_bf16
 
     choices = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if setting in choices:
@@ -571,7 +568,6 @@ def serve(spec: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | N
     """Serve `spec` (and each `--adapter [NAME=]DIR` over it) until SIGINT or SIGTERM."""
     import uvicorn
 
-    from selfcog.chat import load_identities, parse_adapters
 
     check_port(host, port)
     if host not in LOOPBACK and not api_key and not no_auth:

@@ -134,12 +134,6 @@ LAZY_LIBRARIES = {"torch", "transformers", "peft", "streamlit", "uvicorn", "pand
                   "sentencepiece", "readline"}
 """Heavy or optional libraries a function may import where it needs them without saying why: kept out of leaf
 modules and `selfcog --help`, or absent without the extra that installs them."""
-SERVING_FILES = "serving module with function-level imports that do not say why, left to its owner"
-PENDING = {"batching.py": SERVING_FILES, "chat.py": SERVING_FILES, "serve.py": SERVING_FILES,
-           "web/__init__.py": SERVING_FILES}
-"""Files known to fail the check below, with the reason; strict, so each fails the run once it passes."""
-
-
 def function_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
     """Imports inside function bodies, at any depth."""
     found = []
@@ -168,9 +162,7 @@ def unexplained_imports(source: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("relative", [
-    pytest.param(name, marks=[pytest.mark.xfail(strict=True, reason=PENDING[name])] if name in PENDING else [])
-    for name in sorted(file.relative_to(PACKAGE).as_posix() for file in PACKAGE.rglob("*.py"))])
+@pytest.mark.parametrize("relative", sorted(file.relative_to(PACKAGE).as_posix() for file in PACKAGE.rglob("*.py")))
 def test_function_level_imports_say_why(relative):
     """An import inside a function hides what a module depends on: it belongs at the top unless a heavy or optional
     library is kept out of a light module, or a comment on its line says why (an import cycle, torch, ...)."""

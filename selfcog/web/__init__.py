@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import signal
 import subprocess
 import sys
@@ -35,12 +36,12 @@ def launch(spec: str, port: int = 8501, host: str = "127.0.0.1", compare: str | 
            adapter: str | tuple[str, ...] | None = None, system: str | None = None, max_new_tokens: int = 512,
            trust_remote_code: bool = False) -> int:
     """Check the inputs here (one-line errors), then run Streamlit until it exits or Ctrl+C; its exit status."""
-    from selfcog.models import resolve_model
-    from selfcog.serve import check_port
+    from selfcog.models import resolve_model  # torch: `selfcog --help` imports this module
+    from selfcog.serve import check_port  # torch and fastapi, as above
 
     if max_new_tokens < 1:
         raise SelfcogError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
-    from selfcog.chat import parse_adapters
+    from selfcog.chat import parse_adapters  # torch, as above
 
     parse_adapters([adapter] if isinstance(adapter, str) else adapter or [], spec)  # one-line errors here
     check_port(host, port)
@@ -55,8 +56,6 @@ def launch(spec: str, port: int = 8501, host: str = "127.0.0.1", compare: str | 
 def end_with_parent() -> None:
     """In the child, before exec: Linux sends it SIGTERM when the parent dies, even by SIGKILL."""
     try:
-        import ctypes
-
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
