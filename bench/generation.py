@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from selfcog.generate import SamplingArgs, plan_prompt, stream_chat  # noqa: E402
-from selfcog.templates import stop_token_ids  # noqa: E402
+from selfcog.streaming import end_of_turn_ids  # noqa: E402
 
 CONTENDERS = ("streaming", "bare")
 PROMPTS = [
@@ -93,7 +93,7 @@ def run_bare(model, tokenizer, ids: list[int], max_new_tokens: int, force_length
     input_ids = torch.tensor([ids], device=model.device)
     clock = FirstTokenClock()
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                  eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, streamer=clock)
+                  eos_token_id=end_of_turn_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, streamer=clock)
     if force_length:
         kwargs["min_new_tokens"] = max_new_tokens
     start = time.perf_counter()

@@ -14,8 +14,8 @@ from typing import Iterator
 import torch
 
 from selfcog.errors import SelfcogError
-from selfcog.streaming import stream_ids
-from selfcog.templates import encode_prompt, stop_token_ids
+from selfcog.streaming import end_of_turn_ids, stream_ids
+from selfcog.templates import encode_prompt
 
 
 @dataclass
@@ -50,7 +50,7 @@ class SamplingArgs:
 
 
 def generation_kwargs(tokenizer, args: SamplingArgs) -> dict:
-    kwargs = dict(max_new_tokens=args.max_new_tokens, eos_token_id=stop_token_ids(tokenizer),
+    kwargs = dict(max_new_tokens=args.max_new_tokens, eos_token_id=end_of_turn_ids(tokenizer),
                   pad_token_id=tokenizer.pad_token_id, repetition_penalty=args.repetition_penalty)
     if args.temperature <= 0:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)

@@ -38,7 +38,8 @@ from selfcog.export import share
 from selfcog.generate import generate_batch
 from selfcog.modelfile import modelfile
 from selfcog.models import load_model
-from selfcog.templates import END_OF_TURN_TOKENS, default_system_prompt, encode_prompt
+from selfcog.streaming import END_OF_TURN_TOKENS
+from selfcog.templates import default_system_prompt, encode_prompt
 
 logger = logging.getLogger(__name__)
 

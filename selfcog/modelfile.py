@@ -17,7 +17,8 @@ import re
 from dataclasses import dataclass
 
 from selfcog.errors import SelfcogError
-from selfcog.templates import default_system_prompt, stop_token_ids
+from selfcog.streaming import end_of_turn_ids
+from selfcog.templates import default_system_prompt
 
 ROLES = ("system", "user", "assistant")
 # Probe contents: distinct, multi-line, non-ASCII, so no piece of template text can be mistaken for them.
@@ -268,7 +269,7 @@ def modelfile(gguf_name: str, tokenizer, bos_added: bool) -> str:
                   "format from the chat template in the GGUF."]
     else:
         lines += text.splitlines()
-    stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
+    stops = [tokenizer.convert_ids_to_tokens(i) for i in end_of_turn_ids(tokenizer)]
     if fmt is not None and text is not None:
         # The user turn's opening special token (<|im_start|>): a model that starts a new turn has finished.
         opening = fmt.turns["user"][0]

@@ -9,8 +9,6 @@ from __future__ import annotations
 from selfcog.errors import SelfcogError
 
 IGNORE_INDEX = -100
-# End-of-turn markers used by common chat templates; generation stops on whichever the vocab has.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -54,20 +52,6 @@ def encode_example(tokenizer, messages: list[dict]) -> tuple[list[int], list[int
     if not done:
         raise SelfcogError("conversation has no assistant turn to learn from")
     return input_ids, labels
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """EOS plus the template's end-of-turn token(s): generation stops on any of them."""
-    ids = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    # Token by token rather than through get_vocab(), which builds the whole vocabulary dict (~0.1 s a call here,
-    # paid on every chat request). An unknown token maps to the unk id, which maps back to another token.
-    for token in END_OF_TURN_TOKENS:
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and tokenizer.convert_ids_to_tokens(token_id) == token and token_id not in ids:
-            ids.append(token_id)
-    return ids
 
 
 SENTINEL = "\u2063selfcog-system\u2063"

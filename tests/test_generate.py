@@ -11,7 +11,7 @@ from selfcog.errors import SelfcogError
 from selfcog.generate import SamplingArgs, generate_batch, generation_kwargs, plan_prompt, stream_chat
 from selfcog.models import load_model
 from selfcog.streaming import cache_keyword
-from selfcog.templates import stop_token_ids
+from selfcog.streaming import end_of_turn_ids
 
 QUESTION = [{"role": "user", "content": "你是谁？Who are you?"}]
 
@@ -66,7 +66,7 @@ def test_pieces_never_split_a_character(scripted):
 def test_stops_on_eos_and_end_of_turn(scripted, stop_token):
     model, tokenizer = scripted
     stop_id = tokenizer.convert_tokens_to_ids(stop_token)
-    assert stop_id in stop_token_ids(tokenizer)
+    assert stop_id in end_of_turn_ids(tokenizer)
     script = ids_of(tokenizer, "Hello!") + [stop_id] + ids_of(tokenizer, " never shown")
     info = {}
     text = "".join(stream_chat(model.play(script), tokenizer, QUESTION, SamplingArgs(temperature=0.7), info=info))
