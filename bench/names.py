@@ -86,6 +86,9 @@ def markdown(report: dict) -> str:
     for title, names in (("Names the method was tuned on", TUNED_ON), ("Held-apart names", HELD_APART)):
         for part in ("test", "fresh"):
             out += [f"### {title}: {part} questions", "", *table(results, names, part), ""]
+            if part == "fresh":
+                out += ["Fresh scores come from the run that scored the fresh part (`--fresh`, once); steps and "
+                        "seconds from the latest run.", ""]
     return "\n".join(out)
 
 
