@@ -304,8 +304,14 @@ def assert_cjk_drawn(page, locator, text: str) -> None:
     page.locator("#missing-glyphs").evaluate("el => el.remove()")
 
 
+def progress_bar(page):
+    # The run page's progress bar, not the set-up form's "Most training steps" label or settings box, which
+    # Streamlit may still show greyed out while the page reruns into the run view.
+    return page.get_by_test_id("stProgress").filter(has_text=re.compile(r"step \d+/\d+")).first
+
+
 def step_shown(page) -> tuple[int, int]:
-    text = page.get_by_test_id("stProgress").first.inner_text()
+    text = progress_bar(page).inner_text()
     found = re.search(r"step (\d+)/(\d+)", text)
     return (int(found[1]), int(found[2])) if found else (0, 0)
 
@@ -358,7 +364,7 @@ def test_browser_set_up_train_reattach_compare_chat_download(studio_server, tiny
             page.screenshot(path=str(ARTIFACTS / "studio-2-set-up.png"), full_page=True)
             start.click()
             expect(page.get_by_role("heading", name=f"Run: {name}")).to_be_visible(timeout=60_000)
-            expect(page.get_by_text("step ")).to_be_visible(timeout=120_000)
+            expect(progress_bar(page)).to_be_visible(timeout=120_000)
             first = step_shown(page)
             page.wait_for_function("() => /step ([0-9]+)\\//.exec(document.body.innerText)?.[1] > " + str(first[0] + 4),
                                    timeout=60_000)
@@ -371,7 +377,7 @@ def test_browser_set_up_train_reattach_compare_chat_download(studio_server, tiny
             page.reload()
             expect(page.get_by_role("heading", name=f"Run: {name}")).to_be_visible(timeout=60_000)
             assert page.url == url
-            expect(page.get_by_text("step ")).to_be_visible(timeout=60_000)
+            expect(progress_bar(page)).to_be_visible(timeout=60_000)
             assert step_shown(page)[0] >= moved[0]
             other = browser.new_page(viewport={"width": 1400, "height": 1000})
             other.goto(studio_server)
