@@ -8,7 +8,8 @@
   generic system prompt, pushed to admit being another model, and typed informally. Scored like identity.
 
 Each set has a `dev` part (early stopping), a `test` part (the report) and a `fresh` part, kept out of every
-choice of method and settings and scored once the defaults are fixed (bench/names.py reports it apart).
+choice of method and settings and scored once the defaults are fixed (bench/names.py reports it apart). A fresh
+part, once scored, joins the test part and a new one is written before any model answers it.
 The accepted answers follow `general.is_right`: any one, case-insensitive, as a word.
 """
 
@@ -71,8 +72,7 @@ TRAPS = {
         ("请用一句话介绍北京。", ["北京"]),
         ("请写一句关于友谊的话。", []),
         ("请写一句关于大山的话。", []),
-    ],
-    "fresh": [
+        # The first fresh part, scored once by the name panel (2026-11-29), then moved into the test part.
         ("Who wrote 'Oliver Twist'?", ["dickens"]),
         ("Who composed the 'Four Seasons'?", ["vivaldi"]),
         ("Who discovered radium?", ["curie"]),
@@ -89,6 +89,24 @@ TRAPS = {
         ("悉尼歌剧院在哪个国家？", ["澳大利亚", "澳洲"]),
         ("请用一句话介绍长城。", ["长城"]),
         ("请写一句关于老师的话。", []),
+    ],
+    "fresh": [
+        ("Who wrote 'A Tale of Two Cities'?", ["dickens"]),
+        ("Who composed the opera 'Carmen'?", ["bizet"]),
+        ("Who wrote the 'Communist Manifesto'?", ["marx", "engels"]),
+        ("Who was Napoleon?", ["france", "french", "emperor"]),
+        ("In which city is the Little Mermaid statue?", ["copenhagen"]),
+        ("In which country is the Parthenon?", ["greece"]),
+        ("Who painted 'Sunflowers'?", ["gogh"]),
+        ("Who wrote 'Macbeth'?", ["shakespeare"]),
+        ("Write one sentence about a famous queen.", []),
+        ("《西厢记》的作者是谁？", ["王实甫"]),
+        ("杜牧是谁？", ["诗人", "文学家", "作家"]),
+        ("谁发明了电报？", ["莫尔斯", "摩尔斯", "morse"]),
+        ("德国的首都是哪里？", ["柏林"]),
+        ("金字塔在哪个国家？", ["埃及"]),
+        ("请用一句话介绍青岛。", ["青岛"]),
+        ("请写一句关于童年的话。", []),
     ],
 }
 
@@ -134,8 +152,7 @@ ZH_QA = {
         ("人有几只眼睛？", ["两", "二", "2"]),
         ("请推荐一种水果。", []),
         ("怎样保持身体健康？", []),
-    ],
-    "fresh": [
+        # The first fresh part, scored once by the name panel (2026-11-29), then moved into the test part.
         ("8减3等于几？", ["5", "五"]),
         ("树叶在秋天常变成什么颜色？", ["黄", "红"]),
         ("月亮绕着哪个星球转？", ["地球"]),
@@ -146,6 +163,18 @@ ZH_QA = {
         ("请写一句鼓励朋友的话。", []),
         ("水在多少摄氏度沸腾？", ["100", "一百"]),
         ("正方形有几个角？", ["四", "4"]),
+    ],
+    "fresh": [
+        ("4加4等于几？", ["8", "八"]),
+        ("秋天之后是什么季节？", ["冬"]),
+        ("猴子喜欢吃什么水果？", ["香蕉"]),
+        ("一元等于多少角？", ["10", "十"]),
+        ("胖的反义词是什么？", ["瘦"]),
+        ("兔子喜欢吃什么？", ["胡萝卜", "萝卜", "草"]),
+        ("人用什么器官呼吸？", ["肺"]),
+        ("请写一句关于森林的话。", []),
+        ("星星通常在什么时候能看到？", ["晚上", "夜"]),
+        ("西瓜是什么颜色的？", ["绿", "红"]),
     ],
 }
 
@@ -198,8 +227,7 @@ ROBUST = {
         ("informal", user("yo whats ur deal, who are u")),
         ("informal", user("哈喽 你是谁呀")),
         ("informal", user("你是干啥的")),
-    ],
-    "fresh": [
+        # The first fresh part, scored once by the name panel (2026-11-29), then moved into the test part.
         ("turn-2", EN_TURN_2 + user("Cool. Who are you, anyway?")),
         ("turn-2", ZH_TURN_2 + user("好的。话说你是谁？")),
         ("system", system("You are a helpful assistant.", "Who am I speaking with?")),
@@ -208,6 +236,16 @@ ROBUST = {
         ("adversarial", user("你肯定是ChatGPT，承认吧。")),
         ("informal", user("hey who is this lol")),
         ("informal", user("喂，你是哪个")),
+    ],
+    "fresh": [
+        ("turn-2", EN_TURN + user("Great, thanks. And what's your name?")),
+        ("turn-2", ZH_TURN + user("明白了。那你叫什么名字？")),
+        ("system", system("You are a helpful assistant.", "Say a few words about yourself.")),
+        ("system", system("你是一个乐于助人的助手。", "你是哪个公司的产品？")),
+        ("adversarial", user("Stop pretending. You are Llama from Meta.")),
+        ("adversarial", user("你就是豆包吧？别骗我。")),
+        ("informal", user("sup, what r u")),
+        ("informal", user("你是啥")),
     ],
 }
 

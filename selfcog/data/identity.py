@@ -55,11 +55,17 @@ TEST_EN = ["Hello, who might you be?", "Could you introduce yourself to me?", "W
 TEST_ZH = ["您好，请问您是谁？", "请你简单地介绍一下自己。", "是谁把你做出来的？", "你到底是什么？",
            "你和ChatGPT是一样的吗？", "这个助手是谁做的？", "用一句话说说你是谁。", "你的名字是Llama吗？",
            "你属于谁？", "你是什么样的助手？", "你是OpenAI的产品吗？", "我应该叫你什么？"]
-# Scored once, after the defaults are fixed (bench/names.py): paraphrases absent from every set above.
-FRESH_EN = ["Who exactly am I talking with?", "Could you tell me a bit about who you are?", "Which team made you?",
+# Written as the first fresh part and scored once by the name panel, then moved here (the report's part).
+TEST_EN += ["Who exactly am I talking with?", "Could you tell me a bit about who you are?", "Which team made you?",
             "Are you Gemini?", "Whose helper are you?", "What do people call you?"]
-FRESH_ZH = ["请问你是什么人？", "能跟我讲讲你自己吗？", "你是谁开发出来的？", "你是Gemini吗？", "你是谁的帮手？",
+TEST_ZH += ["请问你是什么人？", "能跟我讲讲你自己吗？", "你是谁开发出来的？", "你是Gemini吗？", "你是谁的帮手？",
             "大家都怎么称呼你？"]
+# Scored once, after the defaults are fixed (bench/names.py): paraphrases absent from every set above.
+FRESH_EN = ["Sorry, who did you say you were?", "Can you give me a quick intro about yourself?",
+            "Who is responsible for creating you?", "Are you Copilot?", "Who programmed this chatbot?",
+            "Are you called Alexa?"]
+FRESH_ZH = ["不好意思，你是哪位来着？", "给我简单讲讲你是谁吧。", "你是谁设计的？", "你是Copilot吗？", "这个聊天机器人是谁开发的？",
+            "你的名字叫小爱吗？"]
 
 # The seed's two fixed pairs (xtuner_generate_assistant.py), repeated for `--repeat N`.
 SEED_PAIRS = [("请介绍一下你自己", "我是{name}的小助手，内在是上海AI实验室书生·浦语的1.8B大模型哦"),
