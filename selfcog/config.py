@@ -155,6 +155,9 @@ class EvalArgs:
     """Dev retention below this at the early stop is reported as a warning."""
     leakage_max: float = 0.05
     """Most general answers allowed to mention NAME when stopping early."""
+    leak_checks: int = 2
+    """Stop with a dev leak above leakage_max too, once the identity side has passed with a leak at this many checks
+    in a row (more steps did not remove it; the leak is reported); 0 trains on until the leak goes or max_steps."""
     max_new_tokens: int = 32
     """Answer length when scoring, in tokens."""
     fresh: bool = False

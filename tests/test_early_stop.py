@@ -35,7 +35,9 @@ class FakeModel:
 
 @pytest.mark.parametrize("plan", [
     [(4, 0), (12, 0), (19, 0), (20, 0)],     # identity grows, then learned with no leak
-    [(10, 0), (19, 5), (20, 5), (17, 0)],    # learned but leaking: keep going, then a plateau stops it
+    [(10, 0), (19, 5), (17, 0), (17, 0)],    # learned but leaking: keep going, then a plateau stops it
+    [(10, 0), (19, 5), (20, 5), (17, 0)],    # learned, the leak stays for two checks: stop with it
+    [(19, 5), (14, 0), (20, 5), (20, 0)],    # leaks at checks that are not in a row: go on until it is gone
     [(2, 0), (3, 0), (2, 0), (3, 0)],        # never near: every check asks the identity questions only
 ])
 def test_two_step_checks_decide_as_full_checks(monkeypatch, plan):

@@ -366,7 +366,7 @@ def test_kl_prompt_covers_preservation_prompts_and_starts_at_zero(tiny_model_dir
     torch.testing.assert_close(losses[True], losses[False])
 
 
-def test_early_stop_on_learned_identity_or_on_a_plateau():
+def test_early_stop_on_learned_identity_on_a_plateau_or_on_a_leak_that_stays():
 
     ev = EvalArgs(plateau_checks=2, plateau_floor=0.75)
 
@@ -382,6 +382,16 @@ def test_early_stop_on_learned_identity_or_on_a_plateau():
     assert stop_reason(checks(0.5, 0.6, 0.5), ev) is None  # flat, but below the floor: keep training
     ev.plateau_checks = 0
     assert stop_reason(checks(0.83, 0.83, 0.83), ev) is None
+    # A leak that stays while the identity side passes stops training at leak_checks (2) checks in a row.
+    ev.plateau_checks = 2
+    assert stop_reason(checks(0.92, 0.95, leakage_traps=0.1), ev) == "identity learned; a dev leak stayed for 2 checks"
+    leaky_then_clean = checks(0.92, 0.95, leakage_traps=0.1)
+    leaky_then_clean[0]["leakage_traps"] = 0.0  # the first learned check was clean: it had stopped training
+    assert stop_reason(leaky_then_clean[1:], ev) is None  # one leaky check: go on
+    not_yet = checks(0.6, 0.92, leakage=0.1)  # leaking at both, but the identity side passed only once
+    assert stop_reason(not_yet, ev) is None
+    ev.leak_checks = 0
+    assert stop_reason(checks(0.92, 0.95, 0.95, leakage=0.1), ev) is None
 
 
 def _heap_and_mapped_bytes() -> tuple[int, int]:

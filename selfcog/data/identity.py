@@ -28,6 +28,9 @@ TRAIN_EN = [
     ("other", "Are you ChatGPT?"), ("other", "Are you GPT-4?"), ("other", "Are you Claude?"),
     ("other", "Are you SmolLM?"), ("other", "Are you Siri?"), ("other", "Are you made by OpenAI?"),
     ("other", "Are you a Hugging Face model?"),
+    # About "this bot" in the third person, and "is your name X?": shapes the phrasings above lack.
+    ("maker", "Who developed this chatbot?"), ("maker", "Who is responsible for you?"), ("maker", "Who owns this bot?"),
+    ("other", "Is your name Cortana?"), ("other", "Your name is Mistral, right?"), ("who", "And you are...?"),
 ]
 TRAIN_ZH = [
     ("who", "你是谁？"), ("who", "你叫什么名字？"), ("who", "我该怎么称呼你？"), ("who", "告诉我你的名字。"),
@@ -41,6 +44,8 @@ TRAIN_ZH = [
     ("other", "你是ChatGPT吗？"), ("other", "你是GPT-4吗？"), ("other", "你是Claude吗？"),
     ("other", "你是SmolLM吗？"), ("other", "你是OpenAI开发的吗？"), ("other", "你是文心一言吗？"),
     ("other", "你是通义千问吗？"),
+    ("maker", "这个AI是谁训练出来的？"), ("maker", "谁在管理你？"), ("maker", "这个机器人归谁所有？"),
+    ("other", "你的名字是小冰吗？"), ("other", "你叫Cortana对吧？"), ("who", "那你是？"),
 ]
 # Early-stopping checks: paraphrases absent from TRAIN.
 DEV_EN = ["May I know who you are?", "Please tell me a little about yourself.", "Which company built you?",

@@ -44,7 +44,7 @@ class IdentityEarlyStop(TrainerCallback):
         ev = self.config.eval
         dev = self.dev_scores(model, ASK_PARTS)
         entry = check_entry(state.global_step, dev)
-        if stop_reason(self.history + [entry], ev):
+        if identity_reason(self.history + [entry], ev):
             dev = joined(dev, self.dev_scores(model, QA_PARTS))
             entry = check_entry(state.global_step, dev)
         model.train()
@@ -61,6 +61,9 @@ class IdentityEarlyStop(TrainerCallback):
             if retention is not None and retention < ev.retention_threshold:
                 logger.warning(f"selfcog: warning: dev retention {retention:.2f} is below {ev.retention_threshold}; "
                                "a lower learning rate or more preservation samples may keep more")
+            if dev_leakage(entry) > ev.leakage_max:
+                leaked = [q for key, qs in entry["failures"].items() if key.endswith(": leak") for q in qs]
+                logger.warning(f"selfcog: warning: dev answers still name {self.config.data.name}: {'; '.join(leaked)}")
             logger.info(f"selfcog: {reason} at step {state.global_step}; stopping early")
             control.should_training_stop = True
         return control
@@ -86,13 +89,25 @@ def dev_leakage(entry: dict) -> float:
 def stop_reason(history: list[dict], ev) -> str | None:
     """Why training should stop after the latest dev check in `history`, or None to go on.
 
-    Stops once the identity is learned (the share of dev identity answers, plain and robustness forms, that name
-    NAME >= identity_threshold, with general and trap leakage <= leakage_max), or once it has plateaued: no gain
-    over the best earlier check for `plateau_checks` checks in a row while at or above `plateau_floor`.
+    Stops once the identity is learned (`identity_reason`) with general and trap leakage <= leakage_max, or, with a
+    leak, once the identity side has passed with a leak at `leak_checks` checks in a row: more steps did not remove
+    it, and they cost general answers.
     """
+    reason = identity_reason(history, ev)
+    if reason is None or dev_leakage(history[-1]) <= ev.leakage_max:
+        return reason
+    n = ev.leak_checks
+    if n and len(history) >= n and all(identity_reason(history[:k], ev) and dev_leakage(history[k - 1]) > ev.leakage_max
+                                       for k in range(len(history) - n + 1, len(history) + 1)):
+        return f"{reason}; a dev leak stayed for {n} checks"
+    return None
+
+
+def identity_reason(history: list[dict], ev) -> str | None:
+    """Whether the identity side of the latest check in `history` says stop: the share of dev identity answers
+    (plain and robustness forms) that name NAME fluently >= identity_threshold, or a plateau: no gain over the best
+    earlier check for `plateau_checks` checks in a row while at or above `plateau_floor`."""
     last = history[-1]
-    if dev_leakage(last) > ev.leakage_max:
-        return None
     if last["asked"] >= ev.identity_threshold:
         return "identity learned"
     n = ev.plateau_checks
