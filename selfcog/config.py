@@ -143,8 +143,8 @@ class TrainArgs:
 class EvalArgs:
     eval_steps: int = 5
     """Optimizer steps between early-stopping checks on the dev phrasings; 0 disables."""
-    min_steps: int = 15
-    """No early stop before this many steps."""
+    min_steps: int = 20
+    """No dev check (and so no early stop) before this many steps: at 15 steps no panel name was near the threshold."""
     identity_threshold: float = 0.9
     """Dev identity pass rate at which training stops (with leakage at most leakage_max)."""
     plateau_checks: int = 1
