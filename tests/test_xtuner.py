@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from selfcog.cli import main
 from selfcog.config import RunConfig, from_dict, load_config, load_preset, preset_names, set_value, to_dict
+from selfcog.data.identity import heldout_questions
 from selfcog.xtuner import load_xtuner_config
 
 SEED_CONFIG = r'''import torch
@@ -627,7 +628,7 @@ def test_the_tutorial_through_selfcog_train(tiny_model_dir, tmp_path):
     assert check > last_chats and f"identity answers name {TUTORIAL_NAME}" in lines[check]
     assert (work / "eval_outputs" / f"step_{step}.txt").read_text().startswith("Q: 请介绍一下你自己\nA: ")
     heldout = json.loads((work / "heldout_check.json").read_text())
-    assert heldout["name"] == TUTORIAL_NAME and len(heldout["identity_answers"]) == 24
+    assert heldout["name"] == TUTORIAL_NAME and len(heldout["identity_answers"]) == len(heldout_questions("test"))
     assert (work / "adapter" / "adapter_config.json").exists()
 
 
