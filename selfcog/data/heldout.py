@@ -89,8 +89,7 @@ TRAPS = {
         ("悉尼歌剧院在哪个国家？", ["澳大利亚", "澳洲"]),
         ("请用一句话介绍长城。", ["长城"]),
         ("请写一句关于老师的话。", []),
-    ],
-    "fresh": [
+        # The second fresh part, scored once by the name panel (2026-11-29), then moved into the test part.
         ("Who wrote 'A Tale of Two Cities'?", ["dickens"]),
         ("Who composed the opera 'Carmen'?", ["bizet"]),
         ("Who wrote the 'Communist Manifesto'?", ["marx", "engels"]),
@@ -107,6 +106,24 @@ TRAPS = {
         ("金字塔在哪个国家？", ["埃及"]),
         ("请用一句话介绍青岛。", ["青岛"]),
         ("请写一句关于童年的话。", []),
+    ],
+    "fresh": [
+        ("Who wrote 'The Canterbury Tales'?", ["chaucer"]),
+        ("Who composed 'The Nutcracker'?", ["tchaikovsky"]),
+        ("Who wrote 'The Divine Comedy'?", ["dante"]),
+        ("Who was Marie Antoinette?", ["queen", "france", "french"]),
+        ("Which city is famous for the Space Needle?", ["seattle"]),
+        ("In which country is the Great Sphinx?", ["egypt"]),
+        ("Who painted 'The Kiss'?", ["klimt"]),
+        ("Who invented the World Wide Web?", ["berners-lee", "berners"]),
+        ("Write one sentence about a famous dancer.", []),
+        ("《儒林外史》的作者是谁？", ["吴敬梓"]),
+        ("白居易是谁？", ["诗人"]),
+        ("谁发明了活字印刷术？", ["毕昇"]),
+        ("加拿大的首都是哪里？", ["渥太华"]),
+        ("红场在哪个城市？", ["莫斯科"]),
+        ("请用一句话介绍苏州。", ["苏州"]),
+        ("请写一句关于父亲的话。", []),
     ],
 }
 
@@ -163,8 +180,7 @@ ZH_QA = {
         ("请写一句鼓励朋友的话。", []),
         ("水在多少摄氏度沸腾？", ["100", "一百"]),
         ("正方形有几个角？", ["四", "4"]),
-    ],
-    "fresh": [
+        # The second fresh part, scored once by the name panel (2026-11-29), then moved into the test part.
         ("4加4等于几？", ["8", "八"]),
         ("秋天之后是什么季节？", ["冬"]),
         ("猴子喜欢吃什么水果？", ["香蕉"]),
@@ -175,6 +191,18 @@ ZH_QA = {
         ("请写一句关于森林的话。", []),
         ("星星通常在什么时候能看到？", ["晚上", "夜"]),
         ("西瓜是什么颜色的？", ["绿", "红"]),
+    ],
+    "fresh": [
+        ("6加7等于几？", ["13", "十三"]),
+        ("夏天之前是什么季节？", ["春"]),
+        ("小狗喜欢啃什么？", ["骨头"]),
+        ("一打鸡蛋是几个？", ["12", "十二"]),
+        ("冷的反义词是什么？", ["热"]),
+        ("奶牛产什么？", ["奶"]),
+        ("鱼用什么呼吸？", ["鳃"]),
+        ("请写一句关于晚霞的话。", []),
+        ("黑的反义词是什么？", ["白"]),
+        ("草莓是什么颜色的？", ["红"]),
     ],
 }
 
@@ -236,8 +264,7 @@ ROBUST = {
         ("adversarial", user("你肯定是ChatGPT，承认吧。")),
         ("informal", user("hey who is this lol")),
         ("informal", user("喂，你是哪个")),
-    ],
-    "fresh": [
+        # The second fresh part, scored once by the name panel (2026-11-29), then moved into the test part.
         ("turn-2", EN_TURN + user("Great, thanks. And what's your name?")),
         ("turn-2", ZH_TURN + user("明白了。那你叫什么名字？")),
         ("system", system("You are a helpful assistant.", "Say a few words about yourself.")),
@@ -246,6 +273,16 @@ ROBUST = {
         ("adversarial", user("你就是豆包吧？别骗我。")),
         ("informal", user("sup, what r u")),
         ("informal", user("你是啥")),
+    ],
+    "fresh": [
+        ("turn-2", EN_TURN_2 + user("Thanks! Quick question: who built you?")),
+        ("turn-2", ZH_TURN + user("好的，谢谢。你是谁做的？")),
+        ("system", system("You are a helpful assistant.", "Tell me about yourself in two sentences.")),
+        ("system", system("你是一个乐于助人的助手。", "你的开发者是谁？")),
+        ("adversarial", user("Everyone knows you're just Gemini. Admit it.")),
+        ("adversarial", user("我知道你其实是讯飞星火，装什么呢？")),
+        ("informal", user("who dis")),
+        ("informal", user("你叫啥呀")),
     ],
 }
 

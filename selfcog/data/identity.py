@@ -65,12 +65,17 @@ TEST_EN += ["Who exactly am I talking with?", "Could you tell me a bit about who
             "Are you Gemini?", "Whose helper are you?", "What do people call you?"]
 TEST_ZH += ["请问你是什么人？", "能跟我讲讲你自己吗？", "你是谁开发出来的？", "你是Gemini吗？", "你是谁的帮手？",
             "大家都怎么称呼你？"]
-# Scored once, after the defaults are fixed (bench/names.py): paraphrases absent from every set above.
-FRESH_EN = ["Sorry, who did you say you were?", "Can you give me a quick intro about yourself?",
+# The second fresh part, scored once by the name panel (2026-11-29), then moved here as well.
+TEST_EN += ["Sorry, who did you say you were?", "Can you give me a quick intro about yourself?",
             "Who is responsible for creating you?", "Are you Copilot?", "Who programmed this chatbot?",
             "Are you called Alexa?"]
-FRESH_ZH = ["不好意思，你是哪位来着？", "给我简单讲讲你是谁吧。", "你是谁设计的？", "你是Copilot吗？", "这个聊天机器人是谁开发的？",
+TEST_ZH += ["不好意思，你是哪位来着？", "给我简单讲讲你是谁吧。", "你是谁设计的？", "你是Copilot吗？", "这个聊天机器人是谁开发的？",
             "你的名字叫小爱吗？"]
+# Scored once, after the defaults are fixed (bench/names.py): paraphrases absent from every set above.
+FRESH_EN = ["Hey there, what are you?", "What's the story behind you?", "Who put you together?", "Are you DeepSeek?",
+            "Who runs this assistant?", "Is this Perplexity I'm talking to?"]
+FRESH_ZH = ["在吗？你是谁家的AI？", "说一说你的来历。", "你是由哪个团队打造的？", "你是Kimi吗？", "这个助手归谁管？",
+            "可以告诉我你的身份吗？"]
 
 # The seed's two fixed pairs (xtuner_generate_assistant.py), repeated for `--repeat N`.
 SEED_PAIRS = [("请介绍一下你自己", "我是{name}的小助手，内在是上海AI实验室书生·浦语的1.8B大模型哦"),
