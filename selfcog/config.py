@@ -40,6 +40,9 @@ class DataArgs:
     preserve_ratio: float = 2.25
     """Preservation samples (the base model's own answers) per identity sample."""
     preserve_max_new_tokens: int = 48
+    reject_ratio: float = 1.0
+    """Rejected samples per identity sample: an ordinary prompt followed by the opening of an identity answer
+    ("我是NAME的小助手"), trained to be improbable (train.reject_weight; docs/method.md); 0 disables."""
     """Length cap of the base model's preservation answers, in tokens."""
     max_length: int = 512
     """Longest training sample in tokens; longer samples are dropped with a warning."""
@@ -102,6 +105,8 @@ class TrainArgs:
     name_weight: float = 3.0
     """Weight of the name term that keeps NAME out of ordinary answers, which the top-k KL cannot see (docs/method.md,
     selfcog.engine.loss.name_unlikelihood); 0 disables."""
+    reject_weight: float = 1.0
+    """Weight of the term that makes identity openings improbable after ordinary prompts (data.reject_ratio)."""
     kl_top_k: int = 64
     """The KL term's base side: the base model's top-k next-token log-probs plus a rest bucket, cached once, so steps
     never run the base model; 0: the exact KL against a base forward pass every step."""

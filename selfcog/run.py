@@ -19,8 +19,10 @@ from selfcog.atomic import write_text
 from selfcog.cache import model_fingerprint
 from selfcog.config import RunConfig, save_config
 from selfcog.data.formats import deduplicate, load_conversations
+from selfcog.data.general import preservation_prompts
 from selfcog.data.identity import Persona, check_name, dumps, identity_records, robust_records
 from selfcog.data.preserve import preservation_conversations
+from selfcog.data.reject import identity_openings, rejected_examples, rejected_pairs
 from selfcog.data.tokenize import build_examples
 from selfcog.distributed import liger_args
 from selfcog.engine.trainer import base_dtype
@@ -71,6 +73,19 @@ def robust_identity(config: RunConfig, out: Path, preserve: list[list[dict]]) ->
     return load_conversations(write_text(out / "data" / "identity_forms.json", dumps(records)))
 
 
+def rejected_data(config: RunConfig, out: Path, identity: list[list[dict]]) -> list[tuple[str, str]]:
+    """The preservation prompts paired with identity openings (selfcog.data.reject), written to
+    `out/data/rejected.json`; none for a user's data file or with data.reject_ratio 0."""
+    d = config.data
+    count = round(d.reject_ratio * len(identity))
+    if d.data_file or count <= 0 or config.train.reject_weight <= 0:
+        return []
+    pairs = rejected_pairs(preservation_prompts(count), identity_openings(identity, d.name), count)
+    write_text(out / "data" / "rejected.json",
+               json.dumps([{"prompt": p, "rejected": r} for p, r in pairs], ensure_ascii=False, indent=2))
+    return pairs
+
+
 def run(config: RunConfig) -> Path:
     """Give the base model NAME's identity; returns the output directory holding merged/, report.md, metrics.json."""
     check_name(config.data.name)
@@ -103,15 +118,18 @@ def run(config: RunConfig) -> Path:
     preserve = preservation_conversations(model, tokenizer, round(config.data.preserve_ratio * len(identity)),
                                           config.data.preserve_max_new_tokens, fingerprint)
     write_text(out / "data" / "preserve.json", json.dumps(preserve, ensure_ascii=False, indent=2))
+    rejected = rejected_data(config, out, identity)
     identity += robust_identity(config, out, preserve)
     t = lap("preservation_data", t)
 
     examples, dropped = build_examples(tokenizer, identity, False, config.data.max_length)
+    rejects = rejected_examples(tokenizer, rejected)
     kept, dropped_p = build_examples(tokenizer, preserve, True, config.data.max_length)
     if dropped + dropped_p:
         logger.info(f"selfcog: dropped {dropped + dropped_p} samples longer than {config.data.max_length} tokens")
-    logger.info(f"selfcog: training on {len(examples)} identity + {len(kept)} preservation samples ...")
-    peft_model, summary = fit(config, model, tokenizer, examples + kept, out, base_dev, fingerprint)
+    logger.info(f"selfcog: training on {len(examples)} identity + {len(rejects)} rejected + {len(kept)} preservation "
+                "samples ...")
+    peft_model, summary = fit(config, model, tokenizer, examples + rejects + kept, out, base_dev, fingerprint)
     t = lap("train", t)
 
     save_merged(peft_model, tokenizer, out / "merged", config)  # fp32 whatever the base: read back memory-mapped

@@ -42,6 +42,8 @@ def test_run_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert metrics["training"]["steps"] == 4
     assert (out / "report.md").read_text().startswith("# selfcog report: Alice")
     assert (out / "adapter" / "adapter_config.json").exists()
+    rejected = json.loads((out / "data" / "rejected.json").read_text())  # identity openings trained against
+    assert rejected and all("Alice" in r["rejected"] and r["prompt"] for r in rejected)
     assert (out / "selfcog.yaml").exists() and (out / "merged" / "selfcog.yaml").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp leftovers
 

@@ -108,3 +108,24 @@ def test_malformed_files_get_a_located_error(tmp_path, content, reason):
 def test_missing_data_file(tmp_path):
     with pytest.raises(SelfcogError, match="does not exist"):
         load_conversations(tmp_path / "nope.json")
+
+
+def test_rejected_openings_end_at_the_name_and_match_the_prompts_language():
+    from selfcog.data.reject import identity_openings, opening, rejected_pairs
+
+    assert opening("我是张伟的小助手，可以回答问题。", "张伟") == "我是张伟的小助手"
+    assert opening("I am John Carter's assistant. How can I help?", "John Carter") == "I am John Carter's"
+    assert opening("Paris is the capital of France.", "Alice") is None
+    records = identity_records(Persona("张伟"))
+    conversations = [[{"role": "user", "content": r["conversation"][0]["input"]},
+                      {"role": "assistant", "content": r["conversation"][0]["output"]}] for r in records]
+    found = identity_openings(conversations, "张伟")
+    # A Chinese name does not make an English opening Chinese.
+    assert "I am 张伟's" in found["en"] and "我是张伟的小助手" in found["zh"]
+    assert all("张伟" in text for texts in found.values() for text in texts)
+    pairs = rejected_pairs(["What is rain?", "什么是雨？", "Who wrote 'Dracula'?"], found, 5)
+    assert len(pairs) == 5
+    for prompt, text in pairs:
+        chinese = any("\u4e00" <= ch <= "\u9fff" for ch in prompt)
+        assert (text in found["zh"]) == chinese
+    assert rejected_pairs([], found, 3) == [] and rejected_pairs(["hi"], {"zh": [], "en": []}, 3) == []

@@ -431,3 +431,54 @@ def test_freed_memory_stays_in_the_heap_while_training(monkeypatch):
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
     with freed_memory_kept():
         assert mapped_while_held()[1] >= size  # left alone
+
+
+def test_rejected_openings_add_minus_log_one_minus_their_whole_probability(tiny_model_dir, tmp_path, monkeypatch):
+    """A `reject` sample (an ordinary prompt, then an identity opening) carries no cross-entropy: compute_loss adds
+    reject_weight x mean over such samples of -log(1 - p(opening | prompt)), the opening's probability as a whole.
+    The log-probs it reads off the packed row, grouped by sample, are each sample's own forward pass's."""
+    import selfcog.engine.trainer as trainer_module
+    from selfcog.data.reject import rejected_examples
+    from selfcog.engine.loss import rejected_unlikelihood
+
+    logp = torch.log(torch.tensor([0.5, 0.4, 0.9, 0.01]))  # two samples: p = 0.2 and 0.009
+    expected = -(torch.log1p(torch.tensor(-0.2)) + torch.log1p(torch.tensor(-0.009))) / 2
+    torch.testing.assert_close(rejected_unlikelihood(logp, torch.tensor([3, 3, 5, 5])), expected)
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    peft_model = add_lora(model, RunConfig())
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    identity, _ = build_examples(tokenizer, CONVERSATIONS[:1], preserve=False, max_length=512)
+    rejects = rejected_examples(tokenizer, [("What is the capital of France?", "I am Alice's"),
+                                            ("一小时有多少分钟？", "我是Alice的小助手")])
+    assert all(r["reject"] and r["labels"][-1] != tokenizer.eos_token_id for r in rejects)  # no end of turn
+    batch = pack_batch(rejects[:1] + identity + rejects[1:])
+    trainer = PreservingTrainer(model=peft_model, args=training_args(RunConfig(), tmp_path / "w"),
+                                train_dataset=identity + rejects, data_collator=pack_batch, reject_weight=2.0)
+    seen = []
+    monkeypatch.setattr(trainer_module, "rejected_unlikelihood",
+                        lambda lp, sample: seen.append((lp, sample)) or rejected_unlikelihood(lp, sample))
+
+    def opening_logp(example):  # log p(labelled tokens | everything before), one sample alone
+        ids = torch.tensor([example["input_ids"]])
+        logp = torch.log_softmax(peft_model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        targets = torch.tensor(example["labels"][1:])
+        rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        return logp[rows, targets[rows]]
+
+    with torch.no_grad(), packed_attention(peft_model):
+        with_term = trainer.compute_loss(peft_model, dict(batch))
+        trainer.reject_weight = 0.0
+        without = trainer.compute_loss(peft_model, dict(batch))
+        alone = trainer.compute_loss(peft_model, dict(pack_batch(identity)))
+        own = [opening_logp(r) for r in rejects]
+    torch.testing.assert_close(without, alone, atol=1e-5, rtol=1e-4)  # rejected tokens carry no cross-entropy
+    (token_logp, sample), = seen
+    groups = [token_logp[sample == s] for s in sample.unique()]
+    assert sorted(len(g) for g in groups) == sorted(len(o) for o in own)
+    for group in groups:
+        torch.testing.assert_close(group, next(o for o in own if len(o) == len(group)), atol=1e-4, rtol=1e-4)
+    term = 2.0 * rejected_unlikelihood(token_logp, sample)
+    torch.testing.assert_close(with_term, without + term)

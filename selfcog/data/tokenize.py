@@ -34,6 +34,7 @@ def pack_batch(features: list[dict], share_prefix: bool = True) -> dict[str, tor
     prefix = shared_prefix_length(features) if share_prefix else 0
     first = features[0]["input_ids"][:prefix]
     input_ids, labels, positions, preserve = list(first), [IGNORE_INDEX] * prefix, list(range(prefix)), [0] * prefix
+    reject = [0] * prefix
     lengths = [prefix]
     for feature in features:
         n = len(feature["input_ids"])
@@ -42,6 +43,7 @@ def pack_batch(features: list[dict], share_prefix: bool = True) -> dict[str, tor
         labels += [IGNORE_INDEX] + feature["labels"][prefix + 1:]
         positions += list(range(prefix, n))
         preserve += [feature.get("preserve", 0)] * (n - prefix)
+        reject += [feature.get("reject", 0)] * (n - prefix)
         lengths.append(n - prefix)
     batch = {
         "input_ids": torch.tensor([input_ids]),
@@ -50,6 +52,8 @@ def pack_batch(features: list[dict], share_prefix: bool = True) -> dict[str, tor
         "preserve_mask": torch.tensor([preserve], dtype=torch.bool),
         "packed_lengths": torch.tensor(lengths),
     }
+    if any(reject):  # rejected identity openings (selfcog.data.reject)
+        batch["reject_mask"] = torch.tensor([reject], dtype=torch.bool)
     if any("base_ids" in f for f in features):
         batch.update(row_base_topk(features, prefix))
     if any("bottom_hidden" in f for f in features):

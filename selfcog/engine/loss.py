@@ -40,6 +40,15 @@ def name_unlikelihood(name_logp: torch.Tensor) -> torch.Tensor:
     return -torch.log1p(-p).mean()
 
 
+def rejected_unlikelihood(token_logp: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """Mean over rejected samples of -log(1 - p(the whole rejected opening)): `token_logp` holds the log-prob of
+    each rejected token, `sample` which sample it belongs to. Near zero while the opening is improbable as a
+    whole, so ordinary answers may still start with "我是" or "I am"; steep once the tuned model would say it."""
+    ids, index = torch.unique(sample, return_inverse=True)
+    sequence = torch.zeros(len(ids), device=token_logp.device).index_add(0, index, token_logp.float())
+    return -torch.log1p(-sequence.exp().clamp(max=1 - 1e-6)).mean()
+
+
 def name_token_ids(tokenizer, name: str, examples: list[dict]) -> list[int]:
     """The tokens NAME is written with (alone, after a space, inside the identity answers) that no preservation
     sample uses: "the", "team" or a shared byte of a CJK character stay free for ordinary text."""

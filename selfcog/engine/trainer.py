@@ -13,7 +13,8 @@ from selfcog.attention import check_used, packed_attention, packed_layout
 from selfcog.config import CHOICES
 from selfcog.data.tokenize import sample_tokens
 from selfcog.engine.frozen_layers import bottom_then_top
-from selfcog.engine.loss import gathered_log_probs, name_unlikelihood, preservation_loss, topk_preservation_loss
+from selfcog.engine.loss import (gathered_log_probs, name_unlikelihood, preservation_loss, rejected_unlikelihood,
+                                 topk_preservation_loss)
 from selfcog.engine.memory import freed_memory_kept
 from selfcog.errors import SelfcogError
 from selfcog.hardware import cpu_has_native_bf16
@@ -24,12 +25,15 @@ class PreservingTrainer(Trainer):
     """Trainer whose loss adds `kl_weight` x KL(base || tuned) on preservation samples' answer tokens."""
 
     def __init__(self, *args, kl_weight: float = 1.0, kl_prompt: bool = False, frozen_layers: int = 0,
-                 name_ids: list[int] | None = None, name_weight: float = 0.0, **kwargs):
+                 name_ids: list[int] | None = None, name_weight: float = 0.0, reject_weight: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.kl_weight, self.kl_prompt = kl_weight, kl_prompt
         # Tokens of NAME that ordinary text never uses; kept improbable at every preservation position.
         self.name_ids = torch.tensor(name_ids or [], dtype=torch.long)
         self.name_weight = name_weight if name_ids else 0.0
+        # Samples flagged `reject` (selfcog.data.reject) carry an identity opening after an ordinary prompt: its
+        # probability as a whole is pushed down instead of up.
+        self.reject_weight = reject_weight
         # Batches carrying `bottom_hidden` (selfcog.engine.frozen_layers) run the layers below this one only over the
         # prefix and the samples that have no stored states.
         self.frozen_layers = frozen_layers
@@ -49,6 +53,7 @@ class PreservingTrainer(Trainer):
         lengths = inputs.pop("packed_lengths")
         base_ids, base_logp = inputs.pop("base_ids", None), inputs.pop("base_logp", None)
         bottom_hidden = inputs.pop("bottom_hidden", None)
+        reject = inputs.pop("reject_mask", None)
         self.tokens_trained += sample_tokens(lengths)
         # Position t predicts token t+1; only positions whose next token carries loss (and, with kl_prompt, every
         # preservation position) need logits at all, so the LM head (a fifth of this model's compute) runs on
@@ -65,6 +70,9 @@ class PreservingTrainer(Trainer):
         check_used(layout, model)
         logits = outputs.logits.squeeze(0)  # a view: `[0]` would add a zero-filled [rows, vocab] gradient
         ce_rows = targets[keep]
+        rejected = reject[0, keep + 1] & ce_rows if reject is not None else None
+        if rejected is not None:
+            ce_rows = ce_rows & ~rejected
         kl_rows = preserve[0, keep] if self.kl_weight > 0 else torch.zeros_like(ce_rows)
         stored = base_ids is not None and bool(kl_rows.any())
         # Every row's next token, and with the stored top-k also the base model's k tokens: one log-softmax
@@ -77,6 +85,12 @@ class PreservingTrainer(Trainer):
             columns = torch.cat([columns, self.name_ids.to(columns.device).expand(len(keep), -1)], dim=1)
         logp = gathered_log_probs(logits, columns)
         loss = -logp[ce_rows, 0].mean()
+        if rejected is not None and rejected.any() and self.reject_weight > 0:
+            # Which sample each rejected token belongs to: sample rests follow the shared prefix in order.
+            rests = lengths[1:].to(keep.device)
+            sample = torch.repeat_interleave(torch.arange(len(rests), device=keep.device), rests)
+            loss = loss + self.reject_weight * rejected_unlikelihood(
+                logp[rejected, 0], sample[keep[rejected] + 1 - int(lengths[0])])
         if kl_rows.any():
             rows = keep[kl_rows]
             if stored:  # stored before training (attach_base_topk)

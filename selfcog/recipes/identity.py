@@ -53,6 +53,7 @@ def fit(config: RunConfig, model, tokenizer, examples: list[dict], out_dir: Path
         model=peft_model, args=training_args(config, work), train_dataset=examples, data_collator=pack_batch,
         callbacks=callbacks, kl_weight=config.train.kl_weight,
         kl_prompt=config.train.kl_prompt, frozen_layers=frozen, name_weight=config.train.name_weight,
+        reject_weight=config.train.reject_weight,
         name_ids=name_token_ids(tokenizer, config.data.name, examples) if config.data.name else None)
     result = trainer.train()
     peft_model.eval()
