@@ -29,8 +29,9 @@ from pathlib import Path
 from machine import cpu_features, cpu_name
 
 # A held-apart name joins TUNED_ON once its results have informed a choice of method or settings.
-TUNED_ON = ["Alice", "伍鲜同志", "John Carter", "the Acme Robotics team", "李明", "José Núñez", "Summer Brooks", "欧阳晓雪"]
-HELD_APART = ["张伟", "Grace Miller", "François Dubois", "诸葛明月"]
+TUNED_ON = ["Alice", "伍鲜同志", "John Carter", "the Acme Robotics team", "李明", "José Núñez", "Summer Brooks", "欧阳晓雪",
+            "张伟", "François Dubois"]
+HELD_APART = ["Grace Miller", "诸葛明月", "陈思远", "Björn Lund"]
 ROOT = Path(__file__).resolve().parent.parent
 SELFCOG = [sys.executable, "-m", "selfcog"]
 
