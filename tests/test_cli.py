@@ -42,8 +42,7 @@ def test_run_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert metrics["training"]["steps"] == 4
     assert (out / "report.md").read_text().startswith("# selfcog report: Alice")
     assert (out / "adapter" / "adapter_config.json").exists()
-    rejected = json.loads((out / "data" / "rejected.json").read_text())  # identity openings trained against
-    assert rejected and all("Alice" in r["rejected"] and r["prompt"] for r in rejected)
+    assert not (out / "data" / "rejected.json").exists()  # rejected openings are off by default
     assert (out / "selfcog.yaml").exists() and (out / "merged" / "selfcog.yaml").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp leftovers
 
@@ -61,6 +60,17 @@ def test_run_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
 
     chat = invoke("chat", out / "merged", "--message", "Who are you?", "--temperature", 0, "--max-new-tokens", 5)
     assert chat.exit_code == 0 and chat.output.strip()
+
+
+def test_run_with_rejected_identity_openings(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("run", "--name", "Alice", "--model", tiny_model_dir, "--out", out, *FAST,
+                    "--set", "data.reject_ratio=1")
+    assert result.exit_code == 0, result.output
+    rejected = json.loads((out / "data" / "rejected.json").read_text())  # ordinary prompts + identity openings
+    identity = json.loads((out / "data" / "identity.json").read_text())
+    assert len(rejected) == len(identity) and all("Alice" in r["rejected"] and r["prompt"] for r in rejected)
+    assert json.loads((out / "metrics.json").read_text())["training"]["steps"] == 4
 
 
 def test_one_system_prompt_in_every_artifact(tiny_model_dir, tmp_path):
