@@ -40,11 +40,11 @@ class DataArgs:
     preserve_ratio: float = 2.25
     """Preservation samples (the base model's own answers) per identity sample."""
     preserve_max_new_tokens: int = 48
+    """Length cap of the base model's preservation answers, in tokens."""
     reject_ratio: float = 0.0
     """Rejected samples per identity sample: an ordinary prompt followed by the opening of an identity answer
     ("我是NAME的小助手"), trained to be improbable (train.reject_weight; docs/method.md). Off (0) by default: at 1 it
     cut leaks by a fifth across the name panel but weakened the identity (docs/evaluation.md)."""
-    """Length cap of the base model's preservation answers, in tokens."""
     max_length: int = 512
     """Longest training sample in tokens; longer samples are dropped with a warning."""
     deduplicate: bool = True

@@ -62,12 +62,12 @@ def rejected_pairs(prompts: list[str], openings: dict[str, list[str]], count: in
     return pairs
 
 
-def rejected_examples(tokenizer, pairs: list[tuple[str, str]], system: list[dict] | None = None) -> list[dict]:
+def rejected_examples(tokenizer, pairs: list[tuple[str, str]]) -> list[dict]:
     """Training examples whose labels are the opening's tokens only (no end-of-turn: a leak goes on talking),
     flagged `reject`."""
     examples = []
     for prompt, text in pairs:
-        prompt_ids = encode_prompt(tokenizer, (system or []) + [{"role": "user", "content": prompt}])
+        prompt_ids = encode_prompt(tokenizer, [{"role": "user", "content": prompt}])
         answer_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         examples.append({"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids,
                          "preserve": 0, "reject": 1})
