@@ -66,7 +66,8 @@ PRECISION_TEXT = {"bf16": "base weights in bf16, bf16 autocast (a CPU with nativ
                   "fp32-autocast": "base weights in fp32, bf16 autocast (`selfcog run`'s default on this CPU)"}
 NAME = "Alice"
 RUN_STEPS = (25, 45)  # the embedded model's early stops across the name panel (bench/results/names.md)
-GENERATION_BATCH = 32  # selfcog.generate.generate_batch's batch size
+GENERATION_BATCH = 32  # rows of the timed generation group; projections count groups of this many (an upper bound:
+# generate_batch groups up to PREFILL_TOKENS prompt tokens, 128 rows at most)
 
 
 # --- the checkpoint -------------------------------------------------------------------------------------------
@@ -236,7 +237,7 @@ def generation_seconds(model, tokenizer, max_new_tokens: int) -> tuple[float, in
 
     asked = [a.conversation for answers in question_sets("dev").values() for a in answers][:GENERATION_BATCH]
     began = time.perf_counter()
-    generate_batch(model, tokenizer, asked, max_new_tokens=max_new_tokens, batch_size=GENERATION_BATCH)
+    generate_batch(model, tokenizer, asked, max_new_tokens=max_new_tokens, max_rows=GENERATION_BATCH)
     return time.perf_counter() - began, len(asked)
 
 

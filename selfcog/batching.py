@@ -22,22 +22,18 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from selfcog.errors import SelfcogError
-from selfcog.templates import encode_prompt
-from selfcog.streaming import (Reply, accepts, base_model, cache_keyword, end_of_turn_ids, logits_processors,
+from selfcog.generate import PREFILL_TOKENS, pad_left
+from selfcog.streaming import (Reply, accepts, batchable, cache_keyword, end_of_turn_ids, logits_processors,
                                next_token, returned_cache)
+from selfcog.templates import shared_prefix
 
 BASE_ADAPTER = "__base__"
 """peft's name for "no adapter" in `adapter_names`."""
 
 DONE = object()
 """Pushed to a request after its last text piece."""
-
-PREFILL_TOKENS = 2048
-"""Most (padded) prompt tokens in one prefill forward."""
-
 
 @dataclass
 class Request:
@@ -73,36 +69,6 @@ class Row:
         token = next_token(self.processors, self.sequence, logits, self.request.args.temperature, self.generator)
         self.sequence = torch.cat([self.sequence, token], dim=1)
         return int(token)
-
-
-def batchable(model) -> bool:
-    """Whether every layer keeps a plain full-length KV cache (no sliding windows, no recurrent state): the
-    engine left-pads and concatenates caches, which needs that."""
-    config = base_model(model).config
-    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-    return kinds == {"full_attention"} and not getattr(config, "sliding_window", None)
-
-
-def shared_prefix(tokenizer) -> list[int] | None:
-    """The prompt tokens every conversation without its own system prompt starts with: the template's default
-    system prompt and the user turn's header (None when that is under 8 tokens or the template fails)."""
-    try:
-        one, two = (encode_prompt(tokenizer, [{"role": "user", "content": text}]) for text in ("Hi.", "不"))
-    except Exception:  # noqa: BLE001 - no usable template: no shared prefix
-        return None
-    common = 0
-    while common < min(len(one), len(two)) and one[common] == two[common]:
-        common += 1
-    # One token less: the header's last token may merge with the message's first in other conversations.
-    return one[:common - 1] if common > 8 else None
-
-
-def pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - tensor.shape[dim]
-    if missing <= 0:
-        return tensor
-    pad = [0, 0] * (tensor.dim() - 1 - dim % tensor.dim()) + [missing, 0]
-    return F.pad(tensor, pad)
 
 
 class BatchEngine:

@@ -17,6 +17,9 @@ from selfcog.atomic import atomic_file, write_text
 from selfcog.paths import COMPLETE_MARKER, selfcog_home
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+GENERATOR = "length-groups+prefix"
+"""How `generate_batch` computes answers (in the answers' key): a change there recomputes stored base answers, so
+base and tuned answers always come from the same computation."""
 
 
 def model_fingerprint(source: str, dtype=None) -> str | None:
@@ -44,7 +47,8 @@ def cached_answers(fingerprint: str | None, conversations: list, max_new_tokens:
     """`compute()` once per (model, chat template, prompts, length); later calls read the stored answers."""
     if fingerprint is None:
         return compute()
-    key = hashlib.sha256(json.dumps([fingerprint, template, conversations, max_new_tokens], ensure_ascii=False)
+    key = hashlib.sha256(json.dumps([fingerprint, template, conversations, max_new_tokens, GENERATOR],
+                                    ensure_ascii=False)
                          .encode()).hexdigest()
     path = selfcog_home() / "answers" / f"{key}.json"
     if path.exists():

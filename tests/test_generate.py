@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from selfcog.errors import SelfcogError
-from selfcog.generate import SamplingArgs, generate_batch, generation_kwargs, plan_prompt, stream_chat
+from selfcog.generate import (SamplingArgs, decode_joined, generate_batch, generation_kwargs, joinable, plan_prompt,
+                              stream_chat)
 from selfcog.models import load_model
 from selfcog.streaming import cache_keyword
-from selfcog.streaming import end_of_turn_ids
+from selfcog.streaming import decode_tokens, end_of_turn_ids
+from selfcog.templates import encode_prompt, shared_prefix
 
 QUESTION = [{"role": "user", "content": "你是谁？Who are you?"}]
 
@@ -101,6 +103,72 @@ def test_greedy_stream_matches_a_full_decode(tiny):
     plain = SamplingArgs(max_new_tokens=12, temperature=0)
     assert "".join(stream_chat(model, tokenizer, QUESTION, plain)).strip() == \
         generate_batch(model, tokenizer, [QUESTION], max_new_tokens=12)[0]
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi."}],
+    [{"role": "user", "content": "Who are you, and who made you? Tell me in a few words, please."}],
+    [{"role": "user", "content": "你是谁？"}],
+    [{"role": "system", "content": "你是一个乐于助人的助手。"}, {"role": "user", "content": "who r u"}],
+    [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."},
+     {"role": "user", "content": "Thanks! Now tell me, who made you?"}],
+    [{"role": "user", "content": "Name a famous city."}],
+    [{"role": "user", "content": "请写一句关于春天的话。"}],
+]
+
+
+@pytest.fixture(scope="module")
+def peaked(tiny_model_dir):
+    """The tiny model with its weights scaled up: greedy answers differ from prompt to prompt (the plain tiny model
+    answers every prompt with the same newline)."""
+    model, tokenizer = load_model(str(tiny_model_dir))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" not in name:
+                parameter.mul_(10)
+    return model, tokenizer
+
+
+def own_answers(model, tokenizer, max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
+    return [list(decode_tokens(model, encode_prompt(tokenizer, c), SamplingArgs(temperature=0), max_new_tokens,
+                               stop_ids, threading.Event())) for c in CONVERSATIONS]
+
+
+def test_batched_answers_are_each_conversations_own(peaked):
+    """Rows decoded together (shared-prefix cache, middle padding, groups joined, waves) answer as each alone."""
+    model, tokenizer = peaked
+    assert joinable(model) and shared_prefix(tokenizer)  # the prefix path runs
+    alone = [tokenizer.decode(ids, skip_special_tokens=True).strip()
+             for ids in own_answers(model, tokenizer, 16, end_of_turn_ids(tokenizer))]
+    assert len(set(alone)) == len(alone)
+    for max_rows, prefill_tokens in ((128, 2048), (4, 40), (1, 2048)):  # one group; several groups and waves; one row
+        assert generate_batch(model, tokenizer, CONVERSATIONS, max_new_tokens=16, max_rows=max_rows,
+                              prefill_tokens=prefill_tokens) == alone
+
+
+def test_rows_that_stop_leave_the_batch_without_changing_the_others(peaked):
+    """`decode_joined` with stop tokens the answers do reach: every row's tokens equal its own decode."""
+    model, tokenizer = peaked
+    free = own_answers(model, tokenizer, 12, [])
+    stops = [free[0][3], free[1][6]]  # some rows end early, at different steps
+    alone = own_answers(model, tokenizer, 12, stops)
+    assert len({len(ids) for ids in alone}) > 2
+    prompts = [encode_prompt(tokenizer, c) for c in CONVERSATIONS]
+    with torch.inference_mode():
+        assert decode_joined(model, prompts, shared_prefix(tokenizer), 12, stops, 40) == alone
+
+
+def test_models_that_cannot_join_answer_through_generate(peaked, monkeypatch):
+    model, tokenizer = peaked
+    joined = generate_batch(model, tokenizer, CONVERSATIONS, max_new_tokens=16)
+    monkeypatch.setattr("selfcog.generate.joinable", lambda model: False)
+    assert generate_batch(model, tokenizer, CONVERSATIONS, max_new_tokens=16, prefill_tokens=40) == joined
+    model.generation_config.no_repeat_ngram_size = 2  # a setting only `generate` applies
+    monkeypatch.undo()
+    try:
+        assert not joinable(model)
+    finally:
+        model.generation_config.no_repeat_ngram_size = None
 
 
 def test_sampled_pieces_join_to_the_full_text(tiny):
