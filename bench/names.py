@@ -88,6 +88,8 @@ def markdown(report: dict) -> str:
            ""]
     for title, names in (("Names the method was tuned on", TUNED_ON), ("Held-apart names", HELD_APART)):
         for part in ("test", "fresh"):
+            if part == "fresh" and not any((results.get(name) or {}).get("fresh") for name in names):
+                continue  # no fresh part scored in this panel
             out += [f"### {title}: {part} questions", "", *table(results, names, part), ""]
             if part == "fresh":
                 out += ["Fresh scores come from the run that scored the fresh part (`--fresh`, once); steps and "

@@ -35,6 +35,7 @@ BASE_ADAPTER = "__base__"
 DONE = object()
 """Pushed to a request after its last text piece."""
 
+
 @dataclass
 class Request:
     """One generation. The engine calls `push` (from its thread) with text pieces, then `DONE` or an exception."""

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from selfcog.errors import SelfcogError
-from selfcog.streaming import batchable, cache_keyword, end_of_turn_ids, returned_cache, stream_ids
+from selfcog.streaming import accepts, batchable, cache_keyword, end_of_turn_ids, returned_cache, stream_ids
 from selfcog.templates import encode_prompt, shared_prefix
 
 PREFILL_TOKENS = 2048
@@ -112,6 +112,11 @@ def joinable(model) -> bool:
     return cache_keyword(model) == "cache" and batchable(model) and not changes_logits
 
 
+def last_logits_only(model) -> dict:
+    """`logits_to_keep=1` where the forward takes it: a prompt's other positions need no vocabulary projection."""
+    return {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
+
+
 def join_caches(caches: list, masks: list[torch.Tensor]):
     """One `DynamicCache` and attention mask for the rows of several, each left-padded to the widest."""
     from transformers import DynamicCache
@@ -138,10 +143,11 @@ def prefill_group(model, prompts: list[list[int]], prefix: list[int], shares: li
         mask = torch.cat([mask.new_tensor([[int(share)] * len(prefix) for share in shares]), mask], dim=1)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -ids.shape[1]:]
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, cache=cache,
-                logits_to_keep=1)
+                **last_logits_only(model))
     return returned_cache(out), mask, out.logits[:, -1, :].argmax(dim=-1)
 
 
+@torch.inference_mode()
 def decode_joined(model, prompts: list[list[int]], prefix: list[int], max_new_tokens: int, stop_ids: list[int],
                   prefill_tokens: int) -> list[list[int]]:
     """Greedy token ids (stop token included) for many prompts decoded as one batch: prefilled in groups of similar
@@ -180,7 +186,7 @@ def decode_joined(model, prompts: list[list[int]], prefix: list[int], max_new_to
         positions = mask.sum(dim=-1, keepdim=True)  # the new token follows each row's own tokens
         mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
         out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, use_cache=True, cache=cache,
-                    logits_to_keep=1)
+                    **last_logits_only(model))
         cache = returned_cache(out)
         tokens = out.logits[:, -1, :].argmax(dim=-1)
     return [answers[i] for i in range(len(prompts))]
@@ -194,8 +200,9 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_to
     Decoding on a CPU streams every weight once per step whatever the rows, so rows decode together: up to
     `max_rows` at once, prefilled in groups of at most `prefill_tokens` padded prompt tokens, every row from one
     computed cache of the template's shared prefix (`decode_joined`). Models it cannot join (`joinable`) answer
-    through `model.generate` in groups of the same size. On the 347 test questions of the embedded model: 52 s
-    against 74 s in left-padded batches of 32 (the same answers).
+    through `model.generate` in groups of the same size. The 347 test questions on the embedded model (2-core CPU):
+    48 s, against 73 s in left-padded batches of 32 and 200 s through transformers' continuous batching, with the
+    same answers (`bench/batch_answers.py`).
     """
     prompts = [encode_prompt(tokenizer, c) for c in conversations]
     stop_ids = end_of_turn_ids(tokenizer)
