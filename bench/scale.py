@@ -9,9 +9,10 @@ Every stage runs in a process of its own, so each one's peak RSS (VmHWM, reset b
 /proc/self/clear_refs) is its own:
 
 - `first-run`: what a machine's first `selfcog run` on this base computes before training, timed on a bounded
-  sample and projected to the full count: the base model's answers (one generation batch of 32 questions, as
-  `generate_batch` runs them, `--sample-tokens` new tokens each, projected to the test and dev sets and the preservation prompts), the stored
-  top-k log-probs and the frozen layers' states (for the preservation samples of the trained subset, projected by
+  sample and projected to the full count: the base model's answers (`generate_batch` on 32 dev questions decoded
+  together, `--sample-tokens` new tokens each, projected by groups of 32 to the test and dev sets and the
+  preservation prompts: an upper bound, as `generate_batch` decodes up to 128 rows together), the stored top-k
+  log-probs and the frozen layers' states (for the preservation samples of the trained subset, projected by
   tokens to every preservation sample).
 - `train`, per contender, alternating A, B, A, B (`--rounds`): `selfcog` is `selfcog run`'s trainer
   (`selfcog.recipes.identity`: LoRA r16/a32 on every linear layer of the top 20 layers, packed rows with the
