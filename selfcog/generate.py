@@ -147,14 +147,25 @@ def prefill_group(model, prompts: list[list[int]], prefix: list[int], shares: li
     return returned_cache(out), mask, out.logits[:, -1, :].argmax(dim=-1)
 
 
+def keep_rows(cache, mask: torch.Tensor, keep: torch.Tensor):
+    """The batch's cache and mask with only the `keep` rows, less the leading columns only padding still fills."""
+    from transformers import DynamicCache
+
+    cache.batch_select_indices(keep)
+    mask = mask[keep]
+    start = int(mask.any(dim=0).nonzero()[0])
+    if start == 0:
+        return cache, mask
+    return DynamicCache(ddp_cache_data=[(layer[0][:, :, start:], layer[1][:, :, start:]) for layer in cache]), \
+        mask[:, start:]
+
+
 @torch.inference_mode()
 def decode_joined(model, prompts: list[list[int]], prefix: list[int], max_new_tokens: int, stop_ids: list[int],
                   prefill_tokens: int) -> list[list[int]]:
     """Greedy token ids (stop token included) for many prompts decoded as one batch: prefilled in groups of similar
     length (padding costs compute there), then joined, so each step streams the weights once for every row; rows
     that end leave the batch."""
-    from transformers import DynamicCache
-
     shares = [bool(prefix) and len(p) > len(prefix) and p[:len(prefix)] == prefix for p in prompts]
     width = [len(p) - len(prefix) if share else len(p) for p, share in zip(prompts, shares)]
     groups = length_groups(list(range(len(prompts))), width.__getitem__, prefill_tokens, len(prompts))
@@ -175,14 +186,8 @@ def decode_joined(model, prompts: list[list[int]], prefix: list[int], max_new_to
             break
         if bool(ended.any()):
             keep = (~ended).nonzero().flatten()
-            cache.batch_select_indices(keep)
-            mask, tokens = mask[keep], tokens[keep]
-            live = [live[k] for k in keep.tolist()]
-            used = mask.any(dim=0).nonzero()
-            if int(used[0]) > 0:  # columns that only padding still fills go
-                start = int(used[0])
-                cache = DynamicCache(ddp_cache_data=[(layer[0][:, :, start:], layer[1][:, :, start:]) for layer in cache])
-                mask = mask[:, start:]
+            cache, mask = keep_rows(cache, mask, keep)
+            tokens, live = tokens[keep], [live[k] for k in keep.tolist()]
         positions = mask.sum(dim=-1, keepdim=True)  # the new token follows each row's own tokens
         mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
         out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, use_cache=True, cache=cache,
