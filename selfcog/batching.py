@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from selfcog.errors import SelfcogError
-from selfcog.generate import PREFILL_TOKENS, pad_left
+from selfcog.generate import PREFILL_TOKENS, join_caches, keep_rows, pad_left
 from selfcog.streaming import (Reply, accepts, batchable, cache_keyword, end_of_turn_ids, logits_processors,
                                next_token, returned_cache)
 from selfcog.templates import shared_prefix
@@ -264,18 +264,10 @@ class BatchEngine:
 
     def join(self, rows: list[Row], cache, mask: torch.Tensor) -> None:
         """Append the new rows' cache and mask to the batch's, both left-padded to one width."""
-        from transformers import DynamicCache
-
         if self.cache is None:
             self.cache, self.mask, self.rows = cache, mask, self.rows + rows
             return
-        width = max(self.mask.shape[1], mask.shape[1])
-        layers = []
-        for old, new in zip(self.cache, cache):
-            layers.append((torch.cat([pad_left(old[0], width, 2), pad_left(new[0], width, 2)]),
-                           torch.cat([pad_left(old[1], width, 2), pad_left(new[1], width, 2)])))
-        self.cache = DynamicCache(ddp_cache_data=layers)
-        self.mask = torch.cat([pad_left(self.mask, width, 1), pad_left(mask, width, 1)])
+        self.cache, self.mask = join_caches([self.cache, cache], [self.mask, mask])
         self.rows = self.rows + rows
 
     def drop_finished(self) -> None:
@@ -298,21 +290,7 @@ class BatchEngine:
         if not keep:
             self.cache, self.mask = None, None
             return
-        self.cache.batch_select_indices(torch.tensor(keep, device=self.mask.device))
-        self.mask = self.mask[keep]
-        self.trim()
-
-    def trim(self) -> None:
-        """Drop leading cache columns that are padding in every row."""
-        from transformers import DynamicCache
-
-        used = self.mask.any(dim=0).nonzero()
-        start = int(used[0]) if len(used) else 0
-        if start == 0:
-            return
-        self.cache = DynamicCache(ddp_cache_data=[(layer[0][:, :, start:], layer[1][:, :, start:])
-                                                  for layer in self.cache])
-        self.mask = self.mask[:, start:]
+        self.cache, self.mask = keep_rows(self.cache, self.mask, torch.tensor(keep, device=self.mask.device))
 
     def fail_all(self, exc: BaseException) -> None:
         with self.condition:

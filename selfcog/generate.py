@@ -127,23 +127,30 @@ def join_caches(caches: list, masks: list[torch.Tensor]):
     return DynamicCache(ddp_cache_data=layers), torch.cat([pad_left(mask, width, 1) for mask in masks])
 
 
-def prefill_group(model, prompts: list[list[int]], prefix: list[int], shares: list[bool]):
-    """One forward over the prompts of a group, after one computed cache of the shared `prefix`: rows that start with
-    it go on from there, the others mask it out and hold their whole prompt after it. Position ids are counted over
-    each row's own tokens, as `generate` counts them. Returns (cache, mask, the greedy first tokens)."""
+def prefix_states(model, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The keys and values of `prefix` alone, per layer (empty for no prefix)."""
+    if not prefix:
+        return []
+    out = model(input_ids=torch.tensor([prefix], device=model.device), use_cache=True, cache=None)
+    return [(layer[0], layer[1]) for layer in returned_cache(out)]
+
+
+def prefill_group(model, prompts: list[list[int]], prefix: list[int], states: list, shares: list[bool],
+                  extra: dict):
+    """One forward over the prompts of a group, after the shared `prefix` (its `states` copied to every row): rows
+    that start with it go on from there, the others mask it out and hold their whole prompt after it. Position ids are
+    counted over each row's own tokens, as `generate` counts them. Returns (cache, mask, the greedy first tokens)."""
     from transformers import DynamicCache
 
     rests = [p[len(prefix):] if share else p for p, share in zip(prompts, shares)]
     ids, mask = left_pad(rests, 0, model.device)
     cache = None
     if prefix:
-        out = model(input_ids=torch.tensor([prefix], device=model.device), use_cache=True, cache=None)
-        cache = DynamicCache(ddp_cache_data=[(layer[0].repeat(len(prompts), 1, 1, 1),
-                                              layer[1].repeat(len(prompts), 1, 1, 1)) for layer in returned_cache(out)])
+        rows = len(prompts)
+        cache = DynamicCache(ddp_cache_data=[(k.repeat(rows, 1, 1, 1), v.repeat(rows, 1, 1, 1)) for k, v in states])
         mask = torch.cat([mask.new_tensor([[int(share)] * len(prefix) for share in shares]), mask], dim=1)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -ids.shape[1]:]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, cache=cache,
-                **last_logits_only(model))
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, cache=cache, **extra)
     return returned_cache(out), mask, out.logits[:, -1, :].argmax(dim=-1)
 
 
@@ -153,7 +160,8 @@ def keep_rows(cache, mask: torch.Tensor, keep: torch.Tensor):
 
     cache.batch_select_indices(keep)
     mask = mask[keep]
-    start = int(mask.any(dim=0).nonzero()[0])
+    used = mask.any(dim=0).nonzero()
+    start = int(used[0]) if len(used) else 0
     if start == 0:
         return cache, mask
     return DynamicCache(ddp_cache_data=[(layer[0][:, :, start:], layer[1][:, :, start:]) for layer in cache]), \
@@ -169,9 +177,11 @@ def decode_joined(model, prompts: list[list[int]], prefix: list[int], max_new_to
     shares = [bool(prefix) and len(p) > len(prefix) and p[:len(prefix)] == prefix for p in prompts]
     width = [len(p) - len(prefix) if share else len(p) for p, share in zip(prompts, shares)]
     groups = length_groups(list(range(len(prompts))), width.__getitem__, prefill_tokens, len(prompts))
+    states, extra = prefix_states(model, prefix), last_logits_only(model)
     caches, masks, firsts, order = [], [], [], []
     for group in groups:
-        cache, mask, first = prefill_group(model, [prompts[i] for i in group], prefix, [shares[i] for i in group])
+        cache, mask, first = prefill_group(model, [prompts[i] for i in group], prefix, states,
+                                           [shares[i] for i in group], extra)
         caches.append(cache), masks.append(mask), firsts.append(first), order.extend(group)
     cache, mask = join_caches(caches, masks) if len(caches) > 1 else (caches[0], masks[0])
     tokens = torch.cat(firsts)
@@ -191,7 +201,7 @@ def decode_joined(model, prompts: list[list[int]], prefix: list[int], max_new_to
         positions = mask.sum(dim=-1, keepdim=True)  # the new token follows each row's own tokens
         mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
         out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, use_cache=True, cache=cache,
-                    **last_logits_only(model))
+                    **extra)
         cache = returned_cache(out)
         tokens = out.logits[:, -1, :].argmax(dim=-1)
     return [answers[i] for i in range(len(prompts))]
@@ -211,16 +221,17 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_to
     """
     prompts = [encode_prompt(tokenizer, c) for c in conversations]
     stop_ids = end_of_turn_ids(tokenizer)
+    join = joinable(model)
+    prefix = (shared_prefix(tokenizer) or []) if join else []
+    kwargs = generation_kwargs(tokenizer, SamplingArgs(max_new_tokens=max_new_tokens, temperature=0))
     by_index: dict[int, list[int] | torch.Tensor] = {}
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for wave in (order[start:start + max_rows] for start in range(0, len(order), max_rows)):
-        if joinable(model):
-            prefix = shared_prefix(tokenizer) or []
+        if join:
             for i, ids in zip(wave, decode_joined(model, [prompts[i] for i in wave], prefix, max_new_tokens, stop_ids,
                                                   prefill_tokens)):
                 by_index[i] = ids
             continue
-        kwargs = generation_kwargs(tokenizer, SamplingArgs(max_new_tokens=max_new_tokens, temperature=0))
         for chunk in length_groups(wave, lambda i: len(prompts[i]), prefill_tokens, max_rows):
             ids, mask = left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id, model.device)
             out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
