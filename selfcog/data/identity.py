@@ -71,11 +71,16 @@ TEST_EN += ["Sorry, who did you say you were?", "Can you give me a quick intro a
             "Are you called Alexa?"]
 TEST_ZH += ["不好意思，你是哪位来着？", "给我简单讲讲你是谁吧。", "你是谁设计的？", "你是Copilot吗？", "这个聊天机器人是谁开发的？",
             "你的名字叫小爱吗？"]
-# Scored once, after the defaults are fixed (bench/names.py): paraphrases absent from every set above.
-FRESH_EN = ["Hey there, what are you?", "What's the story behind you?", "Who put you together?", "Are you DeepSeek?",
+# The third fresh part, scored once by the name panel (2026-11-30), then moved here as well.
+TEST_EN += ["Hey there, what are you?", "What's the story behind you?", "Who put you together?", "Are you DeepSeek?",
             "Who runs this assistant?", "Is this Perplexity I'm talking to?"]
-FRESH_ZH = ["在吗？你是谁家的AI？", "说一说你的来历。", "你是由哪个团队打造的？", "你是Kimi吗？", "这个助手归谁管？",
+TEST_ZH += ["在吗？你是谁家的AI？", "说一说你的来历。", "你是由哪个团队打造的？", "你是Kimi吗？", "这个助手归谁管？",
             "可以告诉我你的身份吗？"]
+# Scored once, after the defaults are fixed (bench/names.py): paraphrases absent from every set above.
+FRESH_EN = ["Hi! Who am I speaking to?", "Where do you come from?", "Who created this AI?", "Are you Grok?",
+            "Who owns you?", "What's your name, assistant?"]
+FRESH_ZH = ["你好！我在和谁说话？", "你是从哪里来的？", "这个AI是哪家做的？", "你是豆包吗？", "谁拥有你？",
+            "你的名字是什么呀？"]
 
 # The seed's two fixed pairs (xtuner_generate_assistant.py), repeated for `--repeat N`.
 SEED_PAIRS = [("请介绍一下你自己", "我是{name}的小助手，内在是上海AI实验室书生·浦语的1.8B大模型哦"),
