@@ -30,8 +30,8 @@ from machine import cpu_features, cpu_name
 
 # A held-apart name joins TUNED_ON once its results have informed a choice of method or settings.
 TUNED_ON = ["Alice", "伍鲜同志", "John Carter", "the Acme Robotics team", "李明", "José Núñez", "Summer Brooks", "欧阳晓雪",
-            "张伟", "François Dubois", "Grace Miller", "诸葛明月", "陈思远", "Björn Lund"]
-HELD_APART = ["王雨桐", "Nora Quinn", "Zoë Fontaine"]
+            "张伟", "François Dubois", "Grace Miller", "诸葛明月", "陈思远", "Björn Lund", "Nora Quinn"]
+HELD_APART = ["王雨桐", "Zoë Fontaine", "Hannah Lee"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SELFCOG = [sys.executable, "-m", "selfcog"]
