@@ -87,8 +87,9 @@ class LoraArgs:
 
 @dataclass
 class TrainArgs:
-    learning_rate: float = 1e-3
-    """Peak AdamW learning rate, reached after warmup, then cosine decay."""
+    learning_rate: float = 1.2e-3
+    """Peak AdamW learning rate, reached after warmup, then cosine decay (1.2e-3 against 1e-3: a quarter fewer leaks
+    and the identity learned sooner across seven names, ~1 point of English retention lost; docs/evaluation.md)."""
     max_steps: int = 60
     """Most optimizer steps; training usually stops earlier once the identity is learned."""
     batch_size: int = 8
