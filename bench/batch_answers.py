@@ -1,9 +1,9 @@
 """Batched greedy answers (what scoring and the dev checks run): selfcog's `generate_batch` against two peers.
 
-All three answer the same held-out questions (the `test` split, 347 conversations: identity, robustness forms
-with their own system prompts and earlier turns, general, Chinese, traps) with the same model, greedy, at most
-`--max-new-tokens` new tokens, stopping at the template's stop tokens, from the same prompt token ids
-(`encode_prompt`):
+All three answer the same held-out questions (the `test` split: identity, robustness forms with their own system
+prompts and earlier turns, general, Chinese, traps; 347 conversations when results/batch_answers.json was
+measured) with the same model, greedy, at most `--max-new-tokens` new tokens, stopping at the template's stop
+tokens, from the same prompt token ids (`encode_prompt`):
 
 - `selfcog`: `selfcog.generate.generate_batch` (prefills in length groups from one computed cache of the
   template's shared prefix, joins the groups' caches and decodes up to 128 rows together; rows that end leave).
