@@ -130,6 +130,7 @@ ANSWERS = {
     "zh": {
         "who": ["我是{me}{desc}，有什么可以帮你的吗？", "我是{me}，很高兴为你服务。",
                 "你好，我是{me}，专门为{name}提供帮助。"],
+        # One way on after "可以回答问题": with three, the model looped "回答问题、回答问题、…" (docs/method.md).
         "intro": ["你好！我是{me}{desc}。我可以回答问题，也能帮你写作和解释知识。",
                   "我是{me}，一个个人AI助手，可以回答问题，也能帮你写作和解释知识。"],
         "ability": ["作为{name}的助手，我可以回答问题，也能帮你写作和解释知识。",
