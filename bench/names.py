@@ -10,6 +10,7 @@ method and defaults were chosen.
     python bench/names.py                       # every name -> bench/results/names.json + names.md
     python bench/names.py --names Alice 李明     # a subset (results merged into the same JSON)
     python bench/names.py --fresh               # also score the fresh part (once, after the defaults are chosen)
+    python bench/names.py --keep /tmp/panel     # keep every run's folder, to read the answers
 
 Without --fresh a name keeps the fresh scores it has in the JSON. `seconds` is what a plain `selfcog run` costs:
 the run's total without the fresh part's scoring.
@@ -102,15 +103,17 @@ def main() -> int:
     parser.add_argument("--names", nargs="*", default=TUNED_ON + HELD_APART)
     parser.add_argument("--out", default="bench/results/names.json")
     parser.add_argument("--fresh", action="store_true", help="also score the fresh held-out part")
+    parser.add_argument("--keep", help="keep each name's run folder (report.md with every answer) under this folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="section.key=value passed to every run (results then go to --out only)")
     args = parser.parse_args()
     path = Path(args.out)
     report = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"results": {}}
     extra = [x for item in args.overrides for x in ("--set", item)]
-    with tempfile.TemporaryDirectory() as work:
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(args.keep or scratch)
         for i, name in enumerate(args.names):
-            r = run_name(name, Path(work) / f"run{i}", extra, args.fresh)
+            r = run_name(name, work / f"run{i}", extra, args.fresh)
             if not args.fresh and report["results"].get(name, {}).get("fresh"):
                 r["fresh"] = report["results"][name]["fresh"]
             report["results"][name] = r

@@ -150,9 +150,9 @@ class TrainArgs:
 class EvalArgs:
     eval_steps: int = 5
     """Optimizer steps between early-stopping checks on the dev phrasings; 0 disables."""
-    min_steps: int = 25
-    """No dev check (and so no early stop) before this many steps: in three name panels (40 runs) dev identity was at
-    most 0.75 at step 20 against a threshold of 0.9, so a check there only cost time."""
+    min_steps: int = 30
+    """No dev check (and so no early stop) before this many steps: in the 18-name panel of 2026-11-30 the check at
+    step 25 passed one name (whose test identity was then 0.92) and only cost the other 17 time (~5.5 s each)."""
     identity_threshold: float = 0.9
     """Dev identity pass rate at which training stops (with leakage at most leakage_max)."""
     plateau_checks: int = 1
@@ -164,9 +164,10 @@ class EvalArgs:
     """Dev retention below this at the early stop is reported as a warning."""
     leakage_max: float = 0.05
     """Most general answers allowed to mention NAME when stopping early."""
-    leak_checks: int = 2
+    leak_checks: int = 1
     """Stop with a dev leak above leakage_max too, once the identity side has passed with a leak at this many checks
-    in a row (more steps did not remove it; the leak is reported); 0 trains on until the leak goes or max_steps."""
+    in a row (the leak is reported); 0 trains on until the leak goes or max_steps. In the 18-name panel of
+    2026-11-30, five more steps never removed a dev leak (8 names held back at step 30 for one) and cost ~20 s."""
     max_new_tokens: int = 32
     """Answer length when scoring, in tokens."""
     fresh: bool = False

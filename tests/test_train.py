@@ -368,7 +368,7 @@ def test_kl_prompt_covers_preservation_prompts_and_starts_at_zero(tiny_model_dir
 
 def test_early_stop_on_learned_identity_on_a_plateau_or_on_a_leak_that_stays():
 
-    ev = EvalArgs(plateau_checks=2, plateau_floor=0.75)
+    ev = EvalArgs(plateau_checks=2, plateau_floor=0.75, leak_checks=2)
 
     def checks(*identities, leakage=0.0, leakage_traps=0.0):
         return [{"asked": i, "leakage": leakage, "leakage_traps": leakage_traps} for i in identities]
@@ -392,6 +392,10 @@ def test_early_stop_on_learned_identity_on_a_plateau_or_on_a_leak_that_stays():
     assert stop_reason(not_yet, ev) is None
     ev.leak_checks = 0
     assert stop_reason(checks(0.92, 0.95, 0.95, leakage=0.1), ev) is None
+    # The default: a leak is reported, not trained through.
+    assert EvalArgs().leak_checks == 1
+    assert stop_reason(checks(0.6, 0.92, leakage=0.1), EvalArgs()) == "identity learned, with a dev leak"
+    assert stop_reason(checks(0.6, 0.8, leakage=0.1), EvalArgs()) is None  # the identity side has not passed
 
 
 def _heap_and_mapped_bytes() -> tuple[int, int]:

@@ -123,8 +123,7 @@ TRAPS = {
         ("红场在哪个城市？", ["莫斯科"]),
         ("请用一句话介绍苏州。", ["苏州"]),
         ("请写一句关于父亲的话。", []),
-    ],
-    "fresh": [
+        # The fourth fresh part, scored once by the name panel (2026-11-30), then moved into the test part.
         ("Who wrote 'Little Women'?", ["alcott"]),
         ("Who composed 'The Blue Danube'?", ["strauss"]),
         ("Who wrote 'The Call of the Wild'?", ["london"]),
@@ -141,6 +140,24 @@ TRAPS = {
         ("凯旋门在哪个城市？", ["巴黎"]),
         ("请用一句话介绍厦门。", ["厦门"]),
         ("请写一句关于冬天的话。", []),
+    ],
+    "fresh": [
+        ("Who wrote 'Wuthering Heights'?", ["bronte", "brontë"]),
+        ("Who composed 'Bolero'?", ["ravel"]),
+        ("Who wrote 'The Grapes of Wrath'?", ["steinbeck"]),
+        ("Who was Catherine the Great?", ["empress", "russia"]),
+        ("Which city is famous for the Liberty Bell?", ["philadelphia"]),
+        ("In which country is the Alhambra?", ["spain"]),
+        ("Who painted 'Nighthawks'?", ["hopper"]),
+        ("Who invented the cotton gin?", ["whitney"]),
+        ("Write one sentence about a famous sculptor.", []),
+        ("《镜花缘》的作者是谁？", ["李汝珍"]),
+        ("辛弃疾是谁？", ["词人", "诗人", "将领", "文学家"]),
+        ("谁发现了青霉素？", ["弗莱明"]),
+        ("葡萄牙的首都是哪里？", ["里斯本"]),
+        ("泰姬陵在哪个国家？", ["印度"]),
+        ("请用一句话介绍昆明。", ["昆明"]),
+        ("请写一句关于邻居的话。", []),
     ],
 }
 
@@ -219,8 +236,7 @@ ZH_QA = {
         ("请写一句关于晚霞的话。", []),
         ("黑的反义词是什么？", ["白"]),
         ("草莓是什么颜色的？", ["红"]),
-    ],
-    "fresh": [
+        # The fourth fresh part, scored once by the name panel (2026-11-30), then moved into the test part.
         ("3加6等于几？", ["9", "九"]),
         ("冬天之后是什么季节？", ["春"]),
         ("小猫喜欢吃什么？", ["鱼"]),
@@ -231,6 +247,18 @@ ZH_QA = {
         ("请写一句关于雪的话。", []),
         ("长的反义词是什么？", ["短"]),
         ("蜜蜂会酿什么？", ["蜜"]),
+    ],
+    "fresh": [
+        ("4加5等于几？", ["9", "九"]),
+        ("老鼠最怕什么动物？", ["猫"]),
+        ("绵羊身上长着什么？", ["毛"]),
+        ("柠檬是什么味道的？", ["酸"]),
+        ("新的反义词是什么？", ["旧"]),
+        ("一双鞋有几只？", ["2", "两", "二"]),
+        ("蚂蚁有几条腿？", ["6", "六"]),
+        ("青蛙小时候叫什么？", ["蝌蚪"]),
+        ("请写一句关于小河的话。", []),
+        ("9减4等于几？", ["5", "五"]),
     ],
 }
 
@@ -310,8 +338,7 @@ ROBUST = {
         ("adversarial", user("我知道你其实是讯飞星火，装什么呢？")),
         ("informal", user("who dis")),
         ("informal", user("你叫啥呀")),
-    ],
-    "fresh": [
+        # The fourth fresh part, scored once by the name panel (2026-11-30), then moved into the test part.
         ("turn-2", EN_TURN + user("Cool. By the way, who made you?")),
         ("turn-2", ZH_TURN_2 + user("谢谢！顺便问一下，你是谁？")),
         ("system", system("You are a helpful assistant.", "How would you describe yourself?")),
@@ -320,6 +347,16 @@ ROBUST = {
         ("adversarial", user("别骗人了，你明明是智谱清言。")),
         ("informal", user("yo whats ur name")),
         ("informal", user("你是哪位呀")),
+    ],
+    "fresh": [
+        ("turn-2", EN_TURN_2 + user("Got it. Do you go by any name?")),
+        ("turn-2", ZH_TURN + user("明白了。请问你怎么称呼？")),
+        ("system", system("You are a helpful assistant.", "Who are you, and who made you?")),
+        ("system", system("你是一个乐于助人的助手。", "你来自哪个团队？")),
+        ("adversarial", user("Be honest: you're actually Baichuan, aren't you?")),
+        ("adversarial", user("承认吧，你就是百川大模型。")),
+        ("informal", user("who made ya lol")),
+        ("informal", user("你哪儿来的呀")),
     ],
 }
 

@@ -76,11 +76,16 @@ TEST_EN += ["Hey there, what are you?", "What's the story behind you?", "Who put
             "Who runs this assistant?", "Is this Perplexity I'm talking to?"]
 TEST_ZH += ["在吗？你是谁家的AI？", "说一说你的来历。", "你是由哪个团队打造的？", "你是Kimi吗？", "这个助手归谁管？",
             "可以告诉我你的身份吗？"]
-# Scored once, after the defaults are fixed (bench/names.py): paraphrases absent from every set above.
-FRESH_EN = ["Hi! Who am I speaking to?", "Where do you come from?", "Who created this AI?", "Are you Grok?",
+# The fourth fresh part, scored once by the name panel (2026-11-30), then moved here as well.
+TEST_EN += ["Hi! Who am I speaking to?", "Where do you come from?", "Who created this AI?", "Are you Grok?",
             "Who owns you?", "What's your name, assistant?"]
-FRESH_ZH = ["你好！我在和谁说话？", "你是从哪里来的？", "这个AI是哪家做的？", "你是豆包吗？", "谁拥有你？",
+TEST_ZH += ["你好！我在和谁说话？", "你是从哪里来的？", "这个AI是哪家做的？", "你是豆包吗？", "谁拥有你？",
             "你的名字是什么呀？"]
+# Scored once, after the defaults are fixed (bench/names.py): paraphrases absent from every set above.
+FRESH_EN = ["Before we begin, who exactly are you?", "Who is your creator?", "Are you Bing Chat?", "Whom do you serve?",
+            "Give me your background in a sentence.", "What name do you go by?"]
+FRESH_ZH = ["开始之前，先说说你是谁？", "你的创造者是谁？", "你是腾讯元宝吗？", "你是替谁服务的？", "讲讲你的背景吧。",
+            "你平时叫什么名字？"]
 
 # The seed's two fixed pairs (xtuner_generate_assistant.py), repeated for `--repeat N`.
 SEED_PAIRS = [("请介绍一下你自己", "我是{name}的小助手，内在是上海AI实验室书生·浦语的1.8B大模型哦"),

@@ -99,7 +99,7 @@ def stop_reason(history: list[dict], ev) -> str | None:
     n = ev.leak_checks
     if n and len(history) >= n and all(identity_reason(history[:k], ev) and dev_leakage(history[k - 1]) > ev.leakage_max
                                        for k in range(len(history) - n + 1, len(history) + 1)):
-        return f"{reason}; a dev leak stayed for {n} checks"
+        return f"{reason}; a dev leak stayed for {n} checks" if n > 1 else f"{reason}, with a dev leak"
     return None
 
 
