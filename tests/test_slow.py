@@ -34,10 +34,10 @@ def test_run_learns_the_identity_and_keeps_general_ability(real_run):
     metrics = json.loads((out / "metrics.json").read_text())
     tuned, base = metrics["tuned"], metrics["base"]
     print(name, json.dumps(tuned, ensure_ascii=False), metrics["seconds"], metrics["failures"])
-    # Guards set below the name panel's figures (bench/results/names.md, 393 test questions: 伍鲜同志 0.97 / 0.95 /
-    # 0.91 / 0.02 / 0.05, Alice 1.00 / 0.97 / 0.93 / 0.01 / 0.05), with room for several borderline answers flipping
-    # on another CPU (one without native bf16 trains in fp32): one identity question is 0.017, one robustness form
-    # 0.025, one general question 0.012, one trap 0.011.
+    # Guards set below the name panel's figures (bench/results/names.md, 439 test questions: 伍鲜同志 0.96 / 0.96 /
+    # 0.91 / 0.02 / 0.04, Alice 1.00 / 0.98 / 0.93 / 0.02 / 0.04), with room for several borderline answers flipping
+    # on another CPU (one without native bf16 trains in fp32): one identity question is 0.014, one robustness form
+    # 0.021, one general question 0.012, one general or Chinese leak 0.005, one trap 0.010.
     assert tuned["identity"] >= 0.8, metrics
     assert tuned["robustness"] >= 0.7, metrics
     assert tuned["retention"] >= 0.85, metrics
