@@ -167,7 +167,7 @@ class EvalArgs:
     leak_checks: int = 1
     """Stop with a dev leak above leakage_max too, once the identity side has passed with a leak at this many checks
     in a row (the leak is reported); 0 trains on until the leak goes or max_steps. In the 18-name panel of
-    2026-11-30, five more steps never removed a dev leak (8 names held back at step 30 for one) and cost ~20 s."""
+    2026-11-30, all 8 runs a leak held back at step 30 still leaked at step 35, and each paid ~20 s for it."""
     max_new_tokens: int = 32
     """Answer length when scoring, in tokens."""
     fresh: bool = False
