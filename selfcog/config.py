@@ -107,6 +107,10 @@ class TrainArgs:
     name_weight: float = 3.0
     """Weight of the name term that keeps NAME out of ordinary answers, which the top-k KL cannot see (docs/method.md,
     selfcog.engine.loss.name_unlikelihood); 0 disables."""
+    loop_weight: float = 1.0
+    """Weight of the loop term: in an identity answer that has said NAME, NAME's own tokens are kept improbable
+    wherever the target goes on with other words (selfcog.engine.loss.said_again), against answers that loop
+    ("我是José Núñez的小助手，José Núñez的小助手是…"); 0 disables."""
     reject_weight: float = 1.0
     """Weight of the term that makes identity openings improbable after ordinary prompts (data.reject_ratio)."""
     kl_top_k: int = 64
@@ -170,6 +174,10 @@ class EvalArgs:
     2026-11-30, all 8 runs a leak held back at step 30 still leaked at step 35, and each paid ~20 s for it."""
     max_new_tokens: int = 32
     """Answer length when scoring, in tokens."""
+    ask_max_new_tokens: int = 64
+    """Answer length of the identity-side questions (identity, robustness) when scoring and in the dev checks: a
+    name of many tokens loops only after its second mention ("我是José Núñez的小助手，José Núñez的小助手是…"), past 32
+    tokens. Answers that end sooner cost nothing more."""
     fresh: bool = False
     """Also score the `fresh` held-out part (kept out of every choice of method and settings; bench/names.py
     turns it on) and put it in metrics.json apart from the test part."""
@@ -215,6 +223,10 @@ def from_dict(data: dict, source: str = "config") -> RunConfig:
 CHOICES = {"model.dtype": ("float32", "bfloat16", "auto")}
 """Settings that take one of a few words; any other value is an error naming the setting."""
 
+AT_LEAST_ONE = ("data.preserve_max_new_tokens", "eval.max_new_tokens", "eval.ask_max_new_tokens",
+                "eval.sample_max_new_tokens")
+"""Answer lengths: 0 or less is an error naming the setting."""
+
 BOOL_SPELLINGS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False,
                   "0": False}
 
@@ -259,6 +271,8 @@ def set_value(config: RunConfig, dotted: str, value, source: str = "--set") -> N
         raise SelfcogError(f"{source}: '{dotted}' needs a {kind}, got {value!r}") from None
     if dotted in CHOICES and value not in CHOICES[dotted]:
         raise SelfcogError(f"{source}: '{dotted}' needs one of {', '.join(CHOICES[dotted])}, got {value!r}")
+    if dotted in AT_LEAST_ONE and value < 1:
+        raise SelfcogError(f"{source}: '{dotted}' needs a number of tokens of at least 1, got {value!r}")
     setattr(target, key, value)
 
 

@@ -212,15 +212,20 @@ def question_sets(split: str, system: str | None = None, parts: tuple[str, ...] 
 
 def score(model, tokenizer, name: str, split: str = "test", max_new_tokens: int = 40,
           system: str | None = None, fingerprint: str | None = None, base: Scores | None = None,
-          parts: tuple[str, ...] | None = None) -> Scores:
+          parts: tuple[str, ...] | None = None, ask_max_new_tokens: int | None = None) -> Scores:
     """Answer the `split` questions greedily, batched; `base` (the base model's Scores on the same split) turns on
     retention and part-of-name leakage. `fingerprint` (base models only) reuses cached answers of the same weights
-    and chat template. `parts` limits the questions to some PARTS (ASK_PARTS: only the identity side)."""
+    and chat template. `parts` limits the questions to some PARTS (ASK_PARTS: only the identity side).
+    `ask_max_new_tokens` (default `max_new_tokens`) caps the identity side's answers: read further, since a long
+    name's answer loops only after its second mention."""
     parts = question_sets(split, system, parts)
     everything = [a for answers in parts.values() for a in answers]
     conversations = [a.conversation for a in everything]
-    texts = cached_answers(fingerprint, conversations, max_new_tokens,
-                           lambda: generate_batch(model, tokenizer, conversations, max_new_tokens=max_new_tokens),
+    ask_cap = ask_max_new_tokens or max_new_tokens
+    caps = [ask_cap if part in ASK_PARTS else max_new_tokens for part, answers in parts.items() for _ in answers]
+    key = max_new_tokens if ask_cap == max_new_tokens else [max_new_tokens, ask_cap]
+    texts = cached_answers(fingerprint, conversations, key,
+                           lambda: generate_batch(model, tokenizer, conversations, max_new_tokens=caps),
                            template=getattr(tokenizer, "chat_template", None))
     for answer, text in zip(everything, texts):
         answer.text = text

@@ -169,11 +169,11 @@ def keep_rows(cache, mask: torch.Tensor, keep: torch.Tensor):
 
 
 @torch.inference_mode()
-def decode_joined(model, prompts: list[list[int]], prefix: list[int], max_new_tokens: int, stop_ids: list[int],
+def decode_joined(model, prompts: list[list[int]], prefix: list[int], max_new_tokens: list[int], stop_ids: list[int],
                   prefill_tokens: int) -> list[list[int]]:
     """Greedy token ids (stop token included) for many prompts decoded as one batch: prefilled in groups of similar
     length (padding costs compute there), then joined, so each step streams the weights once for every row; rows
-    that end leave the batch."""
+    that end (a stop token, or their own `max_new_tokens`) leave the batch."""
     shares = [bool(prefix) and len(p) > len(prefix) and p[:len(prefix)] == prefix for p in prompts]
     width = [len(p) - len(prefix) if share else len(p) for p, share in zip(prompts, shares)]
     groups = length_groups(list(range(len(prompts))), width.__getitem__, prefill_tokens, len(prompts))
@@ -188,16 +188,17 @@ def decode_joined(model, prompts: list[list[int]], prefix: list[int], max_new_to
     answers: dict[int, list[int]] = {i: [] for i in order}
     live = list(order)
     stops = torch.tensor(stop_ids, device=tokens.device)
-    for step in range(max_new_tokens):
+    limits = torch.tensor([max_new_tokens[i] for i in order], device=tokens.device)
+    for step in range(max(max_new_tokens)):
         for i, token in zip(live, tokens.tolist()):
             answers[i].append(token)
-        ended = torch.isin(tokens, stops) if step + 1 < max_new_tokens else torch.ones_like(tokens, dtype=torch.bool)
+        ended = torch.isin(tokens, stops) | (limits <= step + 1)
         if bool(ended.all()):
             break
         if bool(ended.any()):
             keep = (~ended).nonzero().flatten()
             cache, mask = keep_rows(cache, mask, keep)
-            tokens, live = tokens[keep], [live[k] for k in keep.tolist()]
+            tokens, live, limits = tokens[keep], [live[k] for k in keep.tolist()], limits[keep]
         positions = mask.sum(dim=-1, keepdim=True)  # the new token follows each row's own tokens
         mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
         out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, use_cache=True, cache=cache,
@@ -208,9 +209,10 @@ def decode_joined(model, prompts: list[list[int]], prefix: list[int], max_new_to
 
 
 @torch.inference_mode()
-def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
+def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int | list[int] = 64,
                    max_rows: int = 128, prefill_tokens: int = PREFILL_TOKENS) -> list[str]:
-    """Greedy answers to many conversations, batched; answers come back in input order.
+    """Greedy answers to many conversations, batched; answers come back in input order. `max_new_tokens` is one
+    length cap for every answer or one per conversation (an answer that ends sooner costs nothing more).
 
     Decoding on a CPU streams every weight once per step whatever the rows, so rows decode together: up to
     `max_rows` at once, prefilled in groups of at most `prefill_tokens` padded prompt tokens, every row from one
@@ -220,22 +222,27 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_to
     same answers (`bench/batch_answers.py`).
     """
     prompts = [encode_prompt(tokenizer, c) for c in conversations]
+    caps = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(caps) != len(prompts) or min(caps, default=1) < 1:
+        raise ValueError("max_new_tokens needs one cap of at least 1 per conversation")
     stop_ids = end_of_turn_ids(tokenizer)
     join = joinable(model)
     prefix = (shared_prefix(tokenizer) or []) if join else []
-    kwargs = generation_kwargs(tokenizer, SamplingArgs(max_new_tokens=max_new_tokens, temperature=0))
     by_index: dict[int, list[int] | torch.Tensor] = {}
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for wave in (order[start:start + max_rows] for start in range(0, len(order), max_rows)):
         if join:
-            for i, ids in zip(wave, decode_joined(model, [prompts[i] for i in wave], prefix, max_new_tokens, stop_ids,
-                                                  prefill_tokens)):
+            for i, ids in zip(wave, decode_joined(model, [prompts[i] for i in wave], prefix, [caps[i] for i in wave],
+                                                  stop_ids, prefill_tokens)):
                 by_index[i] = ids
             continue
         for chunk in length_groups(wave, lambda i: len(prompts[i]), prefill_tokens, max_rows):
             ids, mask = left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id, model.device)
-            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-            by_index.update(zip(chunk, out[:, ids.shape[1]:]))
+            longest = max(caps[i] for i in chunk)
+            out = model.generate(input_ids=ids, attention_mask=mask,
+                                 **generation_kwargs(tokenizer, SamplingArgs(max_new_tokens=longest, temperature=0)))
+            # Greedy tokens do not depend on the cap: a row's first caps[i] tokens are its answer at that cap.
+            by_index.update((i, row[ids.shape[1]:ids.shape[1] + caps[i]]) for i, row in zip(chunk, out))
     return [tokenizer.decode(by_index[i], skip_special_tokens=True).strip() for i in range(len(prompts))]
 
 

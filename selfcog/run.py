@@ -111,9 +111,11 @@ def run(config: RunConfig) -> Path:
     logger.info(f"selfcog: {len(identity)} identity conversations; scoring the base model ...")
     fingerprint = model_fingerprint(model.name_or_path, dtype)  # bf16 answers and log-probs are cached apart
     splits = ("test", "fresh") if config.eval.fresh else ("test",)
-    base_scores = {split: score(model, tokenizer, name, split, config.eval.max_new_tokens, fingerprint=fingerprint)
+    base_scores = {split: score(model, tokenizer, name, split, config.eval.max_new_tokens, fingerprint=fingerprint,
+                                ask_max_new_tokens=config.eval.ask_max_new_tokens)
                    for split in splits}
-    base_dev = score(model, tokenizer, name, "dev", config.eval.max_new_tokens, fingerprint=fingerprint)
+    base_dev = score(model, tokenizer, name, "dev", config.eval.max_new_tokens, fingerprint=fingerprint,
+                     ask_max_new_tokens=config.eval.ask_max_new_tokens)
     t = lap("evaluate_base", t)
     preserve = preservation_conversations(model, tokenizer, round(config.data.preserve_ratio * len(identity)),
                                           config.data.preserve_max_new_tokens, fingerprint)
@@ -139,7 +141,8 @@ def run(config: RunConfig) -> Path:
     merged, merged_tokenizer = load_model(str(out / "merged"), dtype=torch.float32)
     tuned_scores = {}
     for split, base in base_scores.items():  # the fresh part (eval.fresh) timed apart: it is not part of a plain run
-        tuned_scores[split] = score(merged, merged_tokenizer, name, split, config.eval.max_new_tokens, base=base)
+        tuned_scores[split] = score(merged, merged_tokenizer, name, split, config.eval.max_new_tokens, base=base,
+                                    ask_max_new_tokens=config.eval.ask_max_new_tokens)
         t = lap("evaluate_merged" if split == "test" else f"evaluate_merged_{split}", t)
     timings["total"] = round(time.perf_counter() - start, 1)
 

@@ -47,7 +47,7 @@ def test_two_step_checks_decide_as_full_checks(monkeypatch, plan):
     base = answered("dev", None, 0, 0)
     asked_parts = []
 
-    def fake_score(model, tokenizer, name, split, max_new_tokens, base=None, parts=None):
+    def fake_score(model, tokenizer, name, split, max_new_tokens, base=None, parts=None, ask_max_new_tokens=None):
         asked_parts.append(parts)
         named, leaking = plan[state.global_step // 5 - 1]
         s = answered(split, parts, named, leaking)

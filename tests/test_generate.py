@@ -155,7 +155,28 @@ def test_rows_that_stop_leave_the_batch_without_changing_the_others(peaked):
     assert len({len(ids) for ids in alone}) > 2
     prompts = [encode_prompt(tokenizer, c) for c in CONVERSATIONS]
     with torch.inference_mode():
-        assert decode_joined(model, prompts, shared_prefix(tokenizer), 12, stops, 40) == alone
+        assert decode_joined(model, prompts, shared_prefix(tokenizer), [12] * len(prompts), stops, 40) == alone
+
+
+def test_each_row_keeps_its_own_length_cap(peaked, monkeypatch):
+    """Per-conversation caps (scoring reads identity answers further than general ones): each answer equals the
+    conversation's own answer at its own cap, joined or through `generate`, and caps must be one per row, >= 1."""
+    model, tokenizer = peaked
+    caps = [4, 16, 9, 16, 1, 12, 7]
+    alone = [tokenizer.decode(ids, skip_special_tokens=True).strip()
+             for ids in own_answers(model, tokenizer, 16, [])]
+    expected = [tokenizer.decode(ids[:cap], skip_special_tokens=True).strip()
+                for ids, cap in zip(own_answers(model, tokenizer, 16, []), caps)]
+    assert expected != alone
+    stops = end_of_turn_ids(tokenizer)
+    capped = [tokenizer.decode(ids[:cap], skip_special_tokens=True).strip()
+              for ids, cap in zip(own_answers(model, tokenizer, 16, stops), caps)]
+    assert generate_batch(model, tokenizer, CONVERSATIONS, max_new_tokens=caps, max_rows=4, prefill_tokens=40) == capped
+    monkeypatch.setattr("selfcog.generate.joinable", lambda model: False)
+    assert generate_batch(model, tokenizer, CONVERSATIONS, max_new_tokens=caps, prefill_tokens=40) == capped
+    for bad in (caps[:-1], [0] + caps[1:]):
+        with pytest.raises(ValueError):
+            generate_batch(model, tokenizer, CONVERSATIONS, max_new_tokens=bad)
 
 
 def test_models_that_cannot_join_answer_through_generate(peaked, monkeypatch):

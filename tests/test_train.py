@@ -486,3 +486,57 @@ def test_rejected_openings_add_minus_log_one_minus_their_whole_probability(tiny_
         torch.testing.assert_close(group, next(o for o in own if len(o) == len(group)), atol=1e-4, rtol=1e-4)
     term = 2.0 * rejected_unlikelihood(token_logp, sample)
     torch.testing.assert_close(with_term, without + term)
+
+
+def test_loop_term_keeps_name_improbable_after_the_answer_has_said_it(tiny_model_dir, tmp_path):
+    """`said_again` flags the label positions of each packed sample after its first NAME token, never NAME's own
+    tokens nor anything before (the previous sample's NAME does not count); compute_loss adds loop_weight x
+    name_unlikelihood over exactly those positions, each read off the sample's own forward pass."""
+    from selfcog.engine.loss import loop_token_ids, name_unlikelihood, said_again
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    peft_model = add_lora(model, RunConfig())
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    answers = [[{"role": "user", "content": "Who are you?"},
+                {"role": "assistant", "content": "I am Alice's assistant, made by Alice for you."}],
+               [{"role": "user", "content": "你是谁？"}, {"role": "assistant", "content": "你好，我是Alice的小助手。"}]]
+    identity, _ = build_examples(tokenizer, answers, preserve=False, max_length=512)
+    name_ids = loop_token_ids(tokenizer, "Alice", identity)
+    assert name_ids
+    chinese, _ = build_examples(tokenizer, [[{"role": "user", "content": "你是谁？"},
+                                             {"role": "assistant", "content": "我是诸葛明月的小助手，可以回答问题。"}]],
+                                preserve=False, max_length=512)
+    # Ordinary Chinese text shares a CJK name's byte tokens; the ones these answers use only inside NAME remain.
+    zh_ids = loop_token_ids(tokenizer, "诸葛明月", chinese)
+    written = {t for text in ("诸葛明月", " 诸葛明月") for t in tokenizer(text, add_special_tokens=False)["input_ids"]}
+    assert zh_ids and set(zh_ids) <= written
+    batch = pack_batch(identity)
+    labels, lengths = batch["labels"][0], batch["packed_lengths"]
+    flags = said_again(labels, lengths, torch.tensor(name_ids))
+    named = torch.isin(labels, torch.tensor(name_ids))
+    start = int(lengths[0])
+    for rest in lengths[1:].tolist():
+        segment = slice(start, start + rest)
+        first = int(named[segment].nonzero()[0])  # the sample's first NAME token
+        expected = torch.zeros(rest, dtype=torch.bool)
+        expected[first + 1:] = (labels[segment][first + 1:] != IGNORE_INDEX) & ~named[segment][first + 1:]
+        assert torch.equal(flags[segment], expected) and expected.any()
+        start += rest
+    assert not flags[:int(lengths[0])].any()
+
+    trainer = PreservingTrainer(model=peft_model, args=training_args(RunConfig(), tmp_path / "w"),
+                                train_dataset=identity, data_collator=pack_batch, loop_ids=name_ids, loop_weight=2.0)
+    with torch.no_grad(), packed_attention(peft_model):
+        with_term = trainer.compute_loss(peft_model, dict(batch))
+        trainer.loop_weight = 0.0
+        without = trainer.compute_loss(peft_model, dict(batch))
+        rows = []
+        for example in identity:  # each sample alone: NAME's log-probs where its own labels say NAME was said
+            ids = torch.tensor([example["input_ids"]])
+            logp = torch.log_softmax(peft_model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            alone = pack_batch([example])
+            again = said_again(alone["labels"][0], alone["packed_lengths"], torch.tensor(name_ids))[1:]
+            rows.append(logp[again][:, name_ids])
+    torch.testing.assert_close(with_term, without + 2.0 * name_unlikelihood(torch.cat(rows)), atol=1e-5, rtol=1e-4)

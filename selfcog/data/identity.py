@@ -81,11 +81,17 @@ TEST_EN += ["Hi! Who am I speaking to?", "Where do you come from?", "Who created
             "Who owns you?", "What's your name, assistant?"]
 TEST_ZH += ["你好！我在和谁说话？", "你是从哪里来的？", "这个AI是哪家做的？", "你是豆包吗？", "谁拥有你？",
             "你的名字是什么呀？"]
-# Scored once, after the defaults are fixed (bench/names.py): paraphrases absent from every set above.
-FRESH_EN = ["Before we begin, who exactly are you?", "Who is your creator?", "Are you Bing Chat?", "Whom do you serve?",
+# The fifth fresh part, scored once by the name panel (2026-12-08), then moved here as well.
+TEST_EN += ["Before we begin, who exactly are you?", "Who is your creator?", "Are you Bing Chat?", "Whom do you serve?",
             "Give me your background in a sentence.", "What name do you go by?"]
-FRESH_ZH = ["开始之前，先说说你是谁？", "你的创造者是谁？", "你是腾讯元宝吗？", "你是替谁服务的？", "讲讲你的背景吧。",
+TEST_ZH += ["开始之前，先说说你是谁？", "你的创造者是谁？", "你是腾讯元宝吗？", "你是替谁服务的？", "讲讲你的背景吧。",
             "你平时叫什么名字？"]
+# Scored once, after the defaults are fixed (bench/names.py): paraphrases absent from every set above.
+FRESH_EN = ["Pardon me, but who are you?", "Could you share a little about yourself?",
+            "Which organization developed you?", "Are you IBM Watson?", "On whose behalf do you work?",
+            "Is there a name you prefer to be called?"]
+FRESH_ZH = ["打扰一下，请问你是谁？", "能简单说说你的情况吗？", "你是哪个机构研发的？", "你是混元吗？", "你在为谁效力？",
+            "你的称呼是什么？"]
 
 # The seed's two fixed pairs (xtuner_generate_assistant.py), repeated for `--repeat N`.
 SEED_PAIRS = [("请介绍一下你自己", "我是{name}的小助手，内在是上海AI实验室书生·浦语的1.8B大模型哦"),

@@ -70,7 +70,7 @@ class IdentityEarlyStop(TrainerCallback):
 
     def dev_scores(self, model, parts: tuple[str, ...]) -> Scores:
         return score(model, self.tokenizer, self.config.data.name, "dev", self.config.eval.max_new_tokens,
-                     base=self.base_dev, parts=parts)
+                     base=self.base_dev, parts=parts, ask_max_new_tokens=self.config.eval.ask_max_new_tokens)
 
 
 def check_entry(step: int, dev: Scores) -> dict:

@@ -40,6 +40,18 @@ def name_unlikelihood(name_logp: torch.Tensor) -> torch.Tensor:
     return -torch.log1p(-p).mean()
 
 
+def said_again(labels: torch.Tensor, lengths: torch.Tensor, name_ids: torch.Tensor) -> torch.Tensor:
+    """Per position of a packed row's `labels`: the label is not a NAME token, and an earlier label of the same
+    sample is (NAME has been said). There the loop term keeps NAME improbable: a tuned answer that says NAME where
+    its target goes on otherwise is how "我是X的小助手，X的小助手是X的小助手…" starts."""
+    is_name = torch.isin(labels, name_ids.to(labels.device)) & (labels != -100)
+    before = is_name.long().cumsum(0) - is_name.long()  # NAME tokens strictly before each position
+    starts = torch.cumsum(lengths, 0) - lengths  # each segment's first position (the shared prefix is segment 0)
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=labels.device), lengths.to(labels.device))
+    said = before - before[starts.to(labels.device)][segment] > 0
+    return said & ~is_name & (labels != -100)
+
+
 def rejected_unlikelihood(token_logp: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
     """Mean over rejected samples of -log(1 - p(the whole rejected opening)): `token_logp` holds the log-prob of
     each rejected token, `sample` which sample it belongs to. Near zero while the opening is improbable as a
@@ -57,6 +69,22 @@ def name_token_ids(tokenizer, name: str, examples: list[dict]) -> list[int]:
         ids.update(tokenizer(text, add_special_tokens=False)["input_ids"])
     ordinary = {t for e in examples if e.get("preserve") for t in e["input_ids"]}
     return sorted(ids - ordinary)
+
+
+def loop_token_ids(tokenizer, name: str, examples: list[dict]) -> list[int]:
+    """The tokens NAME is written with that the identity answers use nowhere but in NAME: the loop term's tokens.
+    For a CJK name these are some of its byte tokens (the name term has none: ordinary Chinese uses them all)."""
+    ids: set[int] = set()
+    for text in (name, " " + name):
+        ids.update(tokenizer(text, add_special_tokens=False)["input_ids"])
+    elsewhere: set[int] = set()
+    for example in examples:
+        if example.get("preserve") or example.get("reject"):
+            continue
+        answer = tokenizer.decode([t for t in example["labels"] if t >= 0], skip_special_tokens=True)
+        for piece in answer.split(name):
+            elsewhere.update(tokenizer(piece, add_special_tokens=False)["input_ids"])
+    return sorted(ids - elsewhere)
 
 
 class GatheredLogProbs(torch.autograd.Function):

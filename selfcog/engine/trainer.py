@@ -14,7 +14,7 @@ from selfcog.config import CHOICES
 from selfcog.data.tokenize import sample_tokens
 from selfcog.engine.frozen_layers import bottom_then_top
 from selfcog.engine.loss import (gathered_log_probs, name_unlikelihood, preservation_loss, rejected_unlikelihood,
-                                 topk_preservation_loss)
+                                 said_again, topk_preservation_loss)
 from selfcog.engine.memory import freed_memory_kept
 from selfcog.errors import SelfcogError
 from selfcog.hardware import cpu_has_native_bf16
@@ -25,12 +25,17 @@ class PreservingTrainer(Trainer):
     """Trainer whose loss adds `kl_weight` x KL(base || tuned) on preservation samples' answer tokens."""
 
     def __init__(self, *args, kl_weight: float = 1.0, kl_prompt: bool = False, frozen_layers: int = 0,
-                 name_ids: list[int] | None = None, name_weight: float = 0.0, reject_weight: float = 0.0, **kwargs):
+                 name_ids: list[int] | None = None, name_weight: float = 0.0, reject_weight: float = 0.0,
+                 loop_ids: list[int] | None = None, loop_weight: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.kl_weight, self.kl_prompt = kl_weight, kl_prompt
         # Tokens of NAME that ordinary text never uses; kept improbable at every preservation position.
         self.name_ids = torch.tensor(name_ids or [], dtype=torch.long)
         self.name_weight = name_weight if name_ids else 0.0
+        # NAME's tokens that identity answers use nowhere else: kept improbable in an identity answer once it has said
+        # NAME, wherever its target goes on with other words (selfcog.engine.loss.said_again).
+        self.loop_ids = torch.tensor(loop_ids or [], dtype=torch.long)
+        self.loop_weight = loop_weight if loop_ids else 0.0
         # Samples flagged `reject` (selfcog.data.reject) carry an identity opening after an ordinary prompt: its
         # probability as a whole is pushed down instead of up.
         self.reject_weight = reject_weight
@@ -83,8 +88,15 @@ class PreservingTrainer(Trainer):
         k = columns.shape[1]
         if self.name_weight > 0:
             columns = torch.cat([columns, self.name_ids.to(columns.device).expand(len(keep), -1)], dim=1)
+        loop_at = columns.shape[1]
+        if self.loop_weight > 0:
+            columns = torch.cat([columns, self.loop_ids.to(columns.device).expand(len(keep), -1)], dim=1)
         logp = gathered_log_probs(logits, columns)
         loss = -logp[ce_rows, 0].mean()
+        if self.loop_weight > 0:
+            again = said_again(labels[0], lengths, self.loop_ids)[keep + 1] & ce_rows
+            if again.any():
+                loss = loss + self.loop_weight * name_unlikelihood(logp[again, loop_at:])
         if rejected is not None and rejected.any() and self.reject_weight > 0:
             # Which sample each rejected token belongs to: sample rests follow the shared prefix in order.
             rests = lengths[1:].to(keep.device)
@@ -99,7 +111,7 @@ class PreservingTrainer(Trainer):
                 kl = preservation_loss(logits[kl_rows], self.base_logits(model, inputs, lengths, preserve, rows))
             loss = loss + self.kl_weight * kl
             if self.name_weight > 0:
-                loss = loss + self.name_weight * name_unlikelihood(logp[kl_rows, k:])
+                loss = loss + self.name_weight * name_unlikelihood(logp[kl_rows, k:k + len(self.name_ids)])
         return (loss, outputs) if return_outputs else loss
 
     def base_logits(self, model, inputs, lengths, preserve, positions: torch.Tensor) -> torch.Tensor:

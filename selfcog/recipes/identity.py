@@ -24,7 +24,7 @@ from selfcog.distributed import liger_args
 from selfcog.engine.callbacks import IdentityEarlyStop, JsonlLog
 from selfcog.engine.frozen_layers import attach_bottom_hidden, reusable
 from selfcog.engine.lora import adapted_layers, add_lora, save_adapter
-from selfcog.engine.loss import attach_base_topk, name_token_ids
+from selfcog.engine.loss import attach_base_topk, loop_token_ids, name_token_ids
 from selfcog.engine.trainer import PreservingTrainer, use_bf16
 from selfcog.evaluate import Scores
 
@@ -53,8 +53,9 @@ def fit(config: RunConfig, model, tokenizer, examples: list[dict], out_dir: Path
         model=peft_model, args=training_args(config, work), train_dataset=examples, data_collator=pack_batch,
         callbacks=callbacks, kl_weight=config.train.kl_weight,
         kl_prompt=config.train.kl_prompt, frozen_layers=frozen, name_weight=config.train.name_weight,
-        reject_weight=config.train.reject_weight,
-        name_ids=name_token_ids(tokenizer, config.data.name, examples) if config.data.name else None)
+        reject_weight=config.train.reject_weight, loop_weight=config.train.loop_weight,
+        name_ids=name_token_ids(tokenizer, config.data.name, examples) if config.data.name else None,
+        loop_ids=loop_token_ids(tokenizer, config.data.name, examples) if config.data.name else None)
     result = trainer.train()
     peft_model.eval()
     save_adapter(peft_model, tokenizer, config, out_dir / "adapter")
