@@ -34,14 +34,15 @@ def test_run_learns_the_identity_and_keeps_general_ability(real_run):
     metrics = json.loads((out / "metrics.json").read_text())
     tuned, base = metrics["tuned"], metrics["base"]
     print(name, json.dumps(tuned, ensure_ascii=False), metrics["seconds"], metrics["failures"])
-    # Guards set below the name panel's figures (bench/results/names.md, 439 test questions: 伍鲜同志 0.96 / 0.96 /
-    # 0.91 / 0.02 / 0.04, Alice 1.00 / 0.98 / 0.93 / 0.02 / 0.04), with room for several borderline answers flipping
-    # on another CPU (one without native bf16 trains in fp32): one identity question is 0.014, one robustness form
-    # 0.021, one general question 0.012, one general or Chinese leak 0.005, one trap 0.010.
+    # Guards set below the name panel's figures (bench/results/names.md, 485 test questions: 伍鲜同志 0.98 / 0.96 /
+    # 0.91 / 0.027 / 0.06, Alice 0.99 / 0.98 / 0.94 / 0.018 / 0.07), with room for several borderline answers flipping
+    # on another CPU (one without native bf16 trains in fp32): one identity question is 0.012, one robustness form
+    # 0.018, one general or Chinese leak 0.004, one trap 0.008. Identity answers are read to 64 tokens, where the
+    # base model repeats itself in 0.19 of them.
     assert tuned["identity"] >= 0.8, metrics
     assert tuned["robustness"] >= 0.7, metrics
     assert tuned["retention"] >= 0.85, metrics
-    assert tuned["leakage"] <= 0.03, metrics
+    assert tuned["leakage"] <= 0.05, metrics
     assert tuned["leakage_traps"] <= 0.15, metrics
     assert tuned["repetition_identity"] <= base["repetition_identity"] + 0.1, metrics
     assert metrics["training"]["steps"] < metrics["training"]["max_steps"], "the dev check never stopped training"
