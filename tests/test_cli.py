@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from selfcog.cli import main
 
 FAST = ["--set", "train.max_steps=4", "--set", "train.batch_size=4", "--set", "eval.eval_steps=2",
-        "--set", "eval.min_steps=0", "--set", "eval.max_new_tokens=4", "--set", "data.preserve_max_new_tokens=6",
-        "--set", "data.preserve_ratio=0.2"]
+        "--set", "eval.min_steps=0", "--set", "eval.max_new_tokens=4", "--set", "eval.ask_max_new_tokens=4",
+        "--set", "data.preserve_max_new_tokens=6", "--set", "data.preserve_ratio=0.2"]
 
 
 def invoke(*args):

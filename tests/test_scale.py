@@ -129,8 +129,8 @@ def test_run_lets_go_of_the_trained_model_before_reading_the_merged_one(tiny_mod
 
     monkeypatch.setattr(run_module, "load_model", tracking)
     fast = ["--set", "train.max_steps=2", "--set", "train.batch_size=4", "--set", "eval.eval_steps=0",
-            "--set", "eval.max_new_tokens=2", "--set", "data.preserve_max_new_tokens=4", "--set",
-            "data.preserve_ratio=0.1", "--set", "eval.fresh=false"]
+            "--set", "eval.max_new_tokens=2", "--set", "eval.ask_max_new_tokens=2", "--set",
+            "data.preserve_max_new_tokens=4", "--set", "data.preserve_ratio=0.1", "--set", "eval.fresh=false"]
     result = CliRunner().invoke(main, ["run", "--name", "Alice", "--model", str(tiny_model_dir), "--out",
                                        str(tmp_path / "out"), *fast], catch_exceptions=False)
     assert result.exit_code == 0, result.output

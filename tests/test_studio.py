@@ -23,6 +23,7 @@ from selfcog.run import COLUMNS
 from selfcog.studio import APP, jobs, runs, ship, streamlit_command
 
 FAST = {"train.batch_size": 4, "eval.eval_steps": 10, "eval.min_steps": 0, "eval.max_new_tokens": 4,
+        "eval.ask_max_new_tokens": 4,
         "data.preserve_max_new_tokens": 6, "data.preserve_ratio": 0.2, "train.logging_steps": 2}
 
 
