@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from selfcog.cache import cached_tensors
 from selfcog.engine.frozen_layers import per_position
+from selfcog.templates import IGNORE_INDEX
 
 
 def preservation_loss(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
@@ -44,12 +45,13 @@ def said_again(labels: torch.Tensor, lengths: torch.Tensor, name_ids: torch.Tens
     """Per position of a packed row's `labels`: the label is not a NAME token, and an earlier label of the same
     sample is (NAME has been said). There the loop term keeps NAME improbable: a tuned answer that says NAME where
     its target goes on otherwise is how "我是X的小助手，X的小助手是X的小助手…" starts."""
-    is_name = torch.isin(labels, name_ids.to(labels.device)) & (labels != -100)
+    labelled = labels != IGNORE_INDEX
+    is_name = torch.isin(labels, name_ids.to(labels.device)) & labelled
     before = is_name.long().cumsum(0) - is_name.long()  # NAME tokens strictly before each position
     starts = torch.cumsum(lengths, 0) - lengths  # each segment's first position (the shared prefix is segment 0)
     segment = torch.repeat_interleave(torch.arange(len(lengths), device=labels.device), lengths.to(labels.device))
     said = before - before[starts.to(labels.device)][segment] > 0
-    return said & ~is_name & (labels != -100)
+    return said & ~is_name & labelled
 
 
 def rejected_unlikelihood(token_logp: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
@@ -81,7 +83,7 @@ def loop_token_ids(tokenizer, name: str, examples: list[dict]) -> list[int]:
     for example in examples:
         if example.get("preserve") or example.get("reject"):
             continue
-        answer = tokenizer.decode([t for t in example["labels"] if t >= 0], skip_special_tokens=True)
+        answer = tokenizer.decode([t for t in example["labels"] if t != IGNORE_INDEX], skip_special_tokens=True)
         for piece in answer.split(name):
             elsewhere.update(tokenizer(piece, add_special_tokens=False)["input_ids"])
     return sorted(ids - elsewhere)
